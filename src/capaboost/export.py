@@ -1,0 +1,70 @@
+"""Conversion of CapaBoost adapters to stock PEFT formats that load without capaboost installed."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from .lora.config import CapaBoostLoraConfig
+from .lora.layer import CapaBoostLoraLayer
+
+
+def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel:
+    """A plain PEFT LoRA of rank d*r (per module) with the same outputs, for stock PEFT and LoRA tooling.
+
+    The LoRA factors are exactly A_cat and B_cat (no re-factorisation: the masks stay visible), and
+    ``lora_alpha = d * alpha`` keeps the scaling alpha / r. Like ``merge_and_unload`` this converts IN
+    PLACE: ``model`` is unloaded (all its adapters removed) and must not be used afterwards; the
+    returned model wraps the same base model.
+    """
+    config = model.peft_config.get(adapter_name)
+    if not isinstance(config, CapaBoostLoraConfig):
+        raise ValueError(
+            f"export_as_lora needs a CapaBoost-LoRA adapter; adapter {adapter_name!r} is "
+            f"{type(config).__name__ if config is not None else 'missing'} (adapters: {list(model.peft_config)})."
+        )
+    if any(getattr(m, "merged", False) for m in model.modules() if isinstance(m, CapaBoostLoraLayer)):
+        raise ValueError("export_as_lora needs an unmerged model: call model.unmerge_adapter() first.")
+
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    lora_state = {k: v for k, v in state.items() if ".cblora_" not in k}
+    ranks, alphas = {}, {}
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, CapaBoostLoraLayer) or adapter_name not in module.cblora_A:
+                continue
+            name, d = module.capaboost_name, module.capaboost_pairs[adapter_name].spec.num_copies
+            a_cat, b_cat = module.capaboost_pairs[adapter_name].cat(*module.packed_factors(adapter_name))
+            lora_state[f"base_model.model.{name}.lora_A.weight"] = a_cat.detach().clone()
+            lora_state[f"base_model.model.{name}.lora_B.weight"] = b_cat.detach().clone()
+            ranks[name], alphas[name] = d * module.r[adapter_name], d * module.lora_alpha[adapter_name]
+    if not ranks:
+        raise ValueError(f"adapter {adapter_name!r} has no CapaBoost-LoRA layers to export.")
+
+    r0, a0 = next(iter(ranks.values())), next(iter(alphas.values()))
+    lora_config = LoraConfig(
+        r=r0,
+        lora_alpha=a0,
+        target_modules=sorted(ranks),
+        rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
+        alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
+        lora_dropout=config.lora_dropout,
+        fan_in_fan_out=config.fan_in_fan_out,
+        bias="lora_only" if config.bias == "cblora_only" else config.bias,
+        modules_to_save=config.modules_to_save,
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        inference_mode=config.inference_mode,
+    )
+    was_training = model.training
+    base = model.unload()
+    lora_model = get_peft_model(base, lora_config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(lora_model, lora_state, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise RuntimeError(f"export_as_lora produced keys LoRA does not accept: {result.unexpected_keys[:5]}")
+    lora_model.train(was_training)
+    return lora_model

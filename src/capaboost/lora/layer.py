@@ -1,0 +1,191 @@
+"""CapaBoost-LoRA tuner layer: ``z = W0 x + scaling * B_cat (A_cat x)`` (paper eq. 4)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from transformers.pytorch_utils import Conv1D
+
+from ..masks import MaskedPair, MaskSpec, warn_dense_copies
+
+
+class CapaBoostLoraLayer(BaseTunerLayer):
+    """LoRA with d masked copies of one (A, B) pair, stored packed: only the union of the masks trains.
+
+    The packed values are 1-D parameters ``cblora_A[adapter]`` / ``cblora_B[adapter]``, so optimizer
+    state, DDP buckets and checkpoints are union-sized. Masks live in ``capaboost_pairs`` (plain
+    attributes: regenerated, never saved or broadcast).
+    """
+
+    adapter_layer_names = ("cblora_A", "cblora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "capaboost_pairs")
+
+    def __init__(self, base_layer: nn.Module, capaboost_name: str, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.capaboost_name = capaboost_name
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.cblora_A = nn.ParameterDict()
+        self.cblora_B = nn.ParameterDict()
+        self.capaboost_pairs: dict[str, MaskedPair] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        spec: MaskSpec,
+        init_lora_weights: bool = True,
+    ) -> None:
+        if r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {r}.")
+        warn_dense_copies(spec)
+        pair = MaskedPair(spec, self.capaboost_name, r, self.in_features, self.out_features)
+        dense_a = torch.empty(r, self.in_features)
+        nn.init.kaiming_uniform_(dense_a, a=math.sqrt(5))  # as LoRA: A random
+        dense_b = torch.zeros(self.out_features, r)  # as LoRA: B = 0, so the wrapped model equals the base
+        if not init_lora_weights:
+            nn.init.kaiming_uniform_(dense_b, a=math.sqrt(5))
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.capaboost_pairs[adapter_name] = pair
+        self.cblora_A[adapter_name] = nn.Parameter(pair.A.pack(dense_a))
+        self.cblora_B[adapter_name] = nn.Parameter(pair.B.pack(dense_b))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def packed_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cblora_A[adapter], self.cblora_B[adapter]
+
+    def cat_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat, B_cat) of ``adapter``: d*r x in and out x d*r, masks applied."""
+        return self.capaboost_pairs[adapter].cat(self.cblora_A[adapter], self.cblora_B[adapter], self.training)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW in the base weight's layout (transposed for Conv1D-style fan_in_fan_out)."""
+        packed_a, packed_b = self.cblora_A[adapter], self.cblora_B[adapter]
+        dtype = packed_b.dtype
+        cast = packed_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)  # slow half matmul on CPU
+        if cast:
+            packed_a, packed_b = packed_a.float(), packed_b.float()
+        delta = transpose(self.capaboost_pairs[adapter].delta(packed_a, packed_b), self.fan_in_fan_out)
+        return (delta * self.scaling[adapter]).to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_layer = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.cblora_A:
+                continue
+            delta = self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+            if safe_merge:
+                merged = base_layer.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                base_layer.weight.data = merged
+            else:
+                base_layer.weight.data += delta
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.cblora_A:
+                weight.data -= self.get_delta_weight(adapter).to(weight.dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class Linear(nn.Module, CapaBoostLoraLayer):
+    """CapaBoost-LoRA around ``nn.Linear`` or transformers' ``Conv1D``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        capaboost_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        spec: MaskSpec,
+        fan_in_fan_out: bool = False,
+        init_lora_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        CapaBoostLoraLayer.__init__(self, base_layer, capaboost_name, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise NotImplementedError(
+                "CapaBoost-LoRA does not support mixed-adapter batches (adapter_names=...); "
+                "call set_adapter() per batch instead."
+            )
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter not in self.cblora_A:
+                continue
+            a_cat, b_cat = self.cat_factors(adapter)
+            h = F.linear(self.lora_dropout[adapter](self._cast_input_dtype(x, a_cat.dtype)), a_cat)
+            if result.dtype == h.dtype:  # one fused GEMM: result + scaling * h @ B_cat^T
+                flat = torch.addmm(
+                    result.reshape(-1, result.shape[-1]),
+                    h.reshape(-1, h.shape[-1]),
+                    b_cat.t(),
+                    alpha=self.scaling[adapter],
+                )
+                result = flat.view(result.shape)
+            else:
+                result = result + F.linear(h, b_cat).to(result.dtype) * self.scaling[adapter]
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return "capaboost." + super().__repr__()
+
+
+def create_module(
+    target: nn.Module, adapter_name: str, capaboost_name: str, config: Any, **layer_kwargs: Any
+) -> nn.Module:
+    """Wrap a supported base layer, or fail with an error that names the layer type."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out=True but the target is torch.nn.Linear; using fan_in_fan_out=False.")
+        return Linear(target, adapter_name, capaboost_name, fan_in_fan_out=False, **layer_kwargs)
+    if isinstance(base, Conv1D):
+        return Linear(target, adapter_name, capaboost_name, fan_in_fan_out=True, **layer_kwargs)
+    raise ValueError(
+        f"CapaBoost-LoRA cannot adapt {capaboost_name!r} of type {type(base).__module__}.{type(base).__name__}: "
+        "supported layer types are torch.nn.Linear and transformers' Conv1D. Remove it from target_modules "
+        "(or exclude it with exclude_modules)."
+    )
