@@ -1,0 +1,243 @@
+"""Data-parallel training helpers: mask agreement, batch arithmetic, rank-0 atomic checkpoints.
+
+CapaBoost needs nothing from DDP/FSDP beyond what any PEFT model needs, because masks are plain
+attributes regenerated from the seed on every rank (never parameters or buffers, so DDP neither
+broadcasts nor all-reduces them); only the packed trainable values travel. What can still go wrong
+is a rank whose masks differ (another seed, config or capaboost version): its gradients would be
+averaged into the wrong entries silently. :func:`verify_masks_identical` catches that at start-up
+with one all-gather of a 64-bit hash per rank.
+
+Checkpoints hold the unwrapped model's trainable tensors and a replicated optimizer's state, so a
+run saved with N processes resumes with M (the global batch stays the same; see
+:func:`per_rank_batch_size`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from .masks import fingerprint
+
+CHECKPOINT_FORMAT = 1
+
+
+def rank_and_world(group: Optional[Any] = None) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Peel DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, so names don't depend on them."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def per_rank_batch_size(global_batch_size: int, world_size: Optional[int] = None, grad_accum_steps: int = 1) -> int:
+    """Examples each rank takes per micro-step so that every optimizer step sees ``global_batch_size``.
+
+    Keeping the global batch fixed is what makes a run independent of the number of processes
+    (and lets a checkpoint resume under another world size).
+    """
+    world = rank_and_world()[1] if world_size is None else world_size
+    for name, value in (("global_batch_size", global_batch_size), ("world_size", world),
+                        ("grad_accum_steps", grad_accum_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    parts = world * grad_accum_steps
+    if global_batch_size % parts:
+        lower, upper = (global_batch_size // parts) * parts, (global_batch_size // parts + 1) * parts
+        hint = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by world size {world} x gradient accumulation "
+            f"{grad_accum_steps} = {parts}: ranks would see different batch sizes and the gradient average would be "
+            f"biased. Use a global batch size that is a multiple of {parts} (e.g. {hint}), or change the number of "
+            "processes (--nproc_per_node / --num_processes) or the gradient accumulation."
+        )
+    return global_batch_size // parts
+
+
+def shard_batch(batch: Mapping[str, torch.Tensor], rank: Optional[int] = None,
+                world_size: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """This rank's contiguous slice of a global batch (what ``Accelerator(split_batches=True)`` does)."""
+    r, w = rank_and_world()
+    r, w = (r if rank is None else rank), (w if world_size is None else world_size)
+    sizes = {k: v.shape[0] for k, v in batch.items() if torch.is_tensor(v)}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"batch tensors disagree on the batch dimension: {sizes}.")
+    n = per_rank_batch_size(next(iter(sizes.values())), w)
+    return {k: v[r * n:(r + 1) * n] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def masks_fingerprint(model: torch.nn.Module) -> str:
+    """Digest of every mask of every adapter in ``model`` (keyed by adapter and base-model module name)."""
+    digests = {
+        f"{adapter}/{module.capaboost_name}": pair.digest
+        for module in model.modules()
+        for adapter, pair in getattr(module, "capaboost_pairs", {}).items()
+    }
+    return fingerprint(digests)
+
+
+def _collective_device(group: Optional[Any]) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def verify_masks_identical(model: torch.nn.Module, group: Optional[Any] = None) -> str:
+    """Raise RuntimeError unless every rank of ``group`` built the same masks; returns the fingerprint.
+
+    One all-gather of a 60-bit hash: cheap enough to call before every run. A no-op (apart from
+    hashing) when torch.distributed is not initialised.
+    """
+    digest = masks_fingerprint(unwrap_model(model))
+    rank, world = rank_and_world(group)
+    if world == 1:
+        return digest
+    value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=_collective_device(group))
+    gathered = [torch.zeros_like(value) for _ in range(world)]
+    dist.all_gather(gathered, value, group=group)
+    seen = [int(t.item()) for t in gathered]
+    if len(set(seen)) > 1:
+        by_hash: dict[str, list[int]] = {}
+        for r, h in enumerate(seen):
+            by_hash.setdefault(f"{h:015x}", []).append(r)
+        groups = "; ".join(f"ranks {ranks} -> {h}" for h, ranks in by_hash.items())
+        raise RuntimeError(
+            f"CapaBoost masks differ across ranks ({groups}; this is rank {rank}). Every rank must build the model "
+            "with the same config (mask_seed, num_copies, mask_density, mask_pattern, mask_mode, target modules), "
+            "the same base model and the same capaboost version; otherwise gradients are averaged into different "
+            "entries."
+        )
+    return digest
+
+
+def _all_ok(ok: bool, group: Optional[Any]) -> bool:
+    """True iff ``ok`` on every rank (also serves as the barrier after a rank-0 write)."""
+    if rank_and_world(group)[1] == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag.item()) == 0
+
+
+def atomic_save(write: Callable[[Path], None], path: str | os.PathLike, group: Optional[Any] = None) -> Path:
+    """Rank 0 calls ``write(tmp)`` then renames ``tmp`` onto ``path``; every rank returns once it is there.
+
+    ``write`` may create a file or a directory (e.g. ``model.save_pretrained``). A crash mid-write leaves
+    only a hidden temporary, never a truncated ``path``. A failure on rank 0 raises on every rank
+    instead of leaving the others waiting at a barrier.
+    """
+    path = Path(path)
+    rank, _ = rank_and_world(group)
+    error: Optional[BaseException] = None
+    if rank == 0:
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            if tmp.is_file():
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            if path.is_dir() and tmp.is_dir():  # a directory cannot be replaced in one rename
+                old = path.parent / f".{path.name}.old-{os.getpid()}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = err
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+    if not _all_ok(error is None, group):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 failed to write {path}; see its log for the error.")
+    return path
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors (packed CapaBoost values, heads in modules_to_save), named as in the unwrapped model."""
+    return {n: p.detach().cpu().clone() for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+    step: int = 0,
+    extra: Optional[dict] = None,
+    group: Optional[Any] = None,
+) -> Path:
+    """Write a resumable training checkpoint from rank 0 only, atomically (call it on every rank).
+
+    Assumes a replicated optimizer (DDP, single process); FSDP shards the optimizer state, use
+    ``accelerate``'s ``save_state`` there.
+    """
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": int(step),
+        "world_size": rank_and_world(group)[1],
+        "mask_fingerprint": masks_fingerprint(unwrap_model(model)),
+        "trainable": trainable_state_dict(model),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "extra": extra or {},
+    }
+    return atomic_save(lambda tmp: torch.save(state, tmp), path, group)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+) -> dict:
+    """Restore a :func:`save_checkpoint` file into ``model`` (and optimizer/scheduler) on this rank.
+
+    Works under any world size. Returns ``{"step", "world_size", "extra"}`` of the saved run.
+    """
+    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a capaboost training checkpoint (format {CHECKPOINT_FORMAT}).")
+    inner = unwrap_model(model)
+    actual = masks_fingerprint(inner)
+    if state["mask_fingerprint"] != actual:
+        raise ValueError(
+            f"{path} was trained with masks {state['mask_fingerprint']}, but this model's masks are {actual}: build "
+            "the model with the same CapaBoost config (seed, copies, density, pattern, targets) to resume."
+        )
+    params = dict(inner.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    saved = state["trainable"]
+    if set(saved) != trainable:
+        missing, unexpected = sorted(trainable - set(saved)), sorted(set(saved) - trainable)
+        raise ValueError(
+            f"{path} does not match this model's trainable parameters: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}. Build the model exactly as for the saved run."
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+    if optimizer is not None and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return {"step": state["step"], "world_size": state["world_size"], "extra": state["extra"]}

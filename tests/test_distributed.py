@@ -1,0 +1,158 @@
+"""DDP on 2 CPU processes (gloo) vs 1 process; checkpoints across world sizes; mask agreement; batch errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddp_worker
+from capaboost import parameter_counts
+from capaboost.distributed import (
+    atomic_save,
+    load_checkpoint,
+    masks_fingerprint,
+    per_rank_batch_size,
+    save_checkpoint,
+    shard_batch,
+    verify_masks_identical,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed: the multi-process tests need it (it ships with torch)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _assert_same(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_path):
+    torch.set_num_threads(1)
+    start = time.time()
+    one = ddp_worker.train(tmp_path / "ckpt_w1.pt")  # 1 process, same global batch; checkpoint at CKPT_STEP
+    _torchrun("tests/ddp_worker.py", str(tmp_path), str(tmp_path / "ckpt_w1.pt"))
+    resumed_in_one = ddp_worker.train(resume=tmp_path / "ckpt_w2.pt")  # 2-rank checkpoint, resumed by 1 process
+    two = torch.load(tmp_path / "weights_w2.pt")
+    print(f"DDP equivalence + resume test took {time.time() - start:.1f}s")
+
+    initial = {n: p.detach() for n, p in ddp_worker.build_model().named_parameters() if p.requires_grad}
+    assert any(not torch.allclose(initial[n], one[n]) for n in one), "training did not move the weights"
+    _assert_same(two["final"], one)  # 2 ranks x 2 examples == 1 process x 4 examples
+    _assert_same(two["resumed"], one)  # 1-process checkpoint resumed on 2 ranks
+    _assert_same(resumed_in_one, one)  # 2-rank checkpoint resumed in 1 process
+    assert torch.load(tmp_path / "ckpt_w2.pt", weights_only=False)["world_size"] == 2
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary checkpoint files left over"
+
+    # DDP syncs only tensors of the model: the packed values and the frozen base, never masks.
+    structure = json.loads((tmp_path / "structure.json").read_text())
+    assert structure["world_size"] == 2
+    base = {n for n, _ in ddp_worker.tiny_bert().named_parameters()}
+    for name in structure["parameters"]:
+        core = name.replace("base_model.model.", "").replace(".base_layer", "")
+        core = core.replace(".original_module", "").replace(".modules_to_save.default", "")
+        assert ".cblora_" in name or core in base, f"DDP would sync {name}, which is neither packed nor base"
+    assert not any("mask" in n for n in structure["parameters"] + structure["buffers"])
+    trainable = structure["trainable"]
+    assert all(".cblora_" in n or "modules_to_save" in n for n in trainable)
+    model = ddp_worker.build_model()
+    packed = sum(p.numel() for n, p in model.named_parameters() if ".cblora_" in n)
+    assert packed == parameter_counts(model)["union"] < parameter_counts(model)["dense"]
+    # gradients all-reduced per step = the trainable values only (packed union + classifier head)
+    assert structure["allreduced_numel_per_step"] == sum(trainable.values())
+
+    # a rank with other masks is refused on every rank, naming the ranks
+    for rank in (0, 1):
+        message = (tmp_path / f"mismatch_rank{rank}.txt").read_text()
+        assert "masks differ across ranks" in message and "ranks [0]" in message and "ranks [1]" in message
+
+
+def test_verify_masks_is_a_noop_without_process_group():
+    model = ddp_worker.build_model()
+    assert verify_masks_identical(model) == masks_fingerprint(model)
+    assert masks_fingerprint(model) == masks_fingerprint(ddp_worker.build_model())
+    assert masks_fingerprint(model) != masks_fingerprint(ddp_worker.build_model(mask_seed=1))
+
+
+def test_masks_are_neither_parameters_nor_buffers():
+    model = ddp_worker.build_model()
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert all(t.dtype != torch.bool for t in tensors.values())
+    masks = [f.masks for m in model.modules() for pair in getattr(m, "capaboost_pairs", {}).values()
+             for f in (pair.A, pair.B)]
+    assert masks and not any(any(m is t for t in tensors.values()) for m in masks)
+    assert not any("mask" in k for k in model.state_dict())
+
+
+def test_per_rank_batch_size_and_errors():
+    assert per_rank_batch_size(32, 2) == 16
+    assert per_rank_batch_size(32, 2, grad_accum_steps=4) == 4
+    assert per_rank_batch_size(8) == 8  # no process group: world size 1
+    with pytest.raises(ValueError, match=r"global batch size 10 is not divisible by world size 3 .*e\.g\. 9 or 12"):
+        per_rank_batch_size(10, 3)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        per_rank_batch_size(6, 2, grad_accum_steps=2)
+    with pytest.raises(ValueError, match="world_size must be an integer >= 1"):
+        per_rank_batch_size(8, 0)
+
+
+def test_shard_batch_slices_contiguously():
+    batch = {"x": torch.arange(6), "y": torch.arange(6) * 10, "meta": "kept"}
+    part = shard_batch(batch, rank=1, world_size=3)
+    assert part["x"].tolist() == [2, 3] and part["y"].tolist() == [20, 30] and part["meta"] == "kept"
+    assert torch.equal(torch.cat([shard_batch(batch, r, 2)["x"] for r in range(2)]), batch["x"])
+    with pytest.raises(ValueError, match="not divisible"):
+        shard_batch(batch, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="disagree on the batch dimension"):
+        shard_batch({"x": torch.zeros(4), "y": torch.zeros(2)}, 0, 2)
+
+
+def test_atomic_save_replaces_and_cleans_up(tmp_path):
+    target = tmp_path / "ckpt"
+    atomic_save(lambda p: (p.mkdir(), (p / "a.txt").write_text("1")), target)
+    atomic_save(lambda p: (p.mkdir(), (p / "b.txt").write_text("2")), target)  # replaces a directory
+    assert sorted(x.name for x in target.iterdir()) == ["b.txt"]
+
+    def broken(p: Path) -> None:
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save(broken, tmp_path / "file.pt")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]  # no partial file, no temporary
+
+
+def test_load_checkpoint_refuses_other_masks(tmp_path):
+    model = ddp_worker.build_model()
+    save_checkpoint(tmp_path / "c.pt", model, step=2)
+    assert load_checkpoint(tmp_path / "c.pt", ddp_worker.build_model())["step"] == 2
+    with pytest.raises(ValueError, match="was trained with masks"):
+        load_checkpoint(tmp_path / "c.pt", ddp_worker.build_model(mask_seed=3))
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a capaboost training checkpoint"):
+        load_checkpoint(tmp_path / "other.pt", model)
