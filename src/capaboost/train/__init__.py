@@ -1,0 +1,1 @@
+"""Training-time helpers: split protocols and evaluation metrics."""
