@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +23,16 @@ def base_module_name(key: str) -> str:
 
 
 class MaskCheckMixin:
-    """Save/load hooks shared by CapaBoost tuners: record the masks' fingerprint, refuse a mismatch."""
+    """Hooks shared by CapaBoost tuners: record the masks' fingerprint on save, refuse a mismatch on load,
+    and refuse PEFT's mixed-adapter batches (which PEFT would otherwise silently ignore for us)."""
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError(
+                "CapaBoost does not support mixed-adapter batches (adapter_names=...); call set_adapter() per batch."
+            )
+        yield
 
     @staticmethod
     def adapter_fingerprint(model: torch.nn.Module, adapter_name: str) -> str:
@@ -58,6 +68,20 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
     prefix: str = "cblora_"
     tuner_layer_cls = CapaBoostLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: torch.nn.Module, config: CapaBoostLoraConfig, adapter_name: str) -> None:
+        """Name each target that matches nothing (PEFT only says that nothing at all matched)."""
+        targets = config.target_modules
+        if not isinstance(targets, (set, list, tuple)):
+            return
+        names = [n for n, _ in model.named_modules() if n]
+        missing = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ValueError(
+                f"target_modules {missing} not found in the base model ({type(model).__name__}). "
+                f"Its linear layers are named: {leaves[:20]}; fix target_modules."
+            )
 
     def _create_and_replace(
         self,
