@@ -5,18 +5,24 @@
 """
 
 from .accounting import delta_ranks, parameter_counts
-from .export import export_as_lora
+from .adapter import CapaBoostAdapterConfig, CapaBoostAdapterModel
+from .export import export_as_lora, export_as_prefix
 from .lora import CapaBoostLoraConfig, CapaBoostLoraModel
 from .masks import GENERATOR_VERSION, MaskSpec
+from .prefix import CapaBoostPrefixConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GENERATOR_VERSION",
+    "CapaBoostAdapterConfig",
+    "CapaBoostAdapterModel",
     "CapaBoostLoraConfig",
     "CapaBoostLoraModel",
+    "CapaBoostPrefixConfig",
     "MaskSpec",
     "delta_ranks",
     "export_as_lora",
+    "export_as_prefix",
     "parameter_counts",
 ]

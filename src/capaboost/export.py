@@ -68,3 +68,54 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
         raise RuntimeError(f"export_as_lora produced keys LoRA does not accept: {result.unexpected_keys[:5]}")
     lora_model.train(was_training)
     return lora_model
+
+
+def export_as_prefix(model: PeftModel, adapter_name: str = "default") -> PeftModel:
+    """A stock PEFT prefix-tuning model (``prefix_projection=False``) holding the materialized prefix table.
+
+    The CapaBoost MLP is evaluated once (eval mode, no dropout masks) into the flat table that stock
+    ``PrefixTuningConfig`` trains and loads, so the outputs are equal and the checkpoint needs neither
+    capaboost nor the masks. Converts IN PLACE like :func:`export_as_lora`: ``model``'s other adapters
+    and wrappers are dropped (trained ``modules_to_save`` copies are kept) and it must not be used
+    afterwards.
+    """
+    from peft import PrefixTuningConfig
+    from peft.utils.other import ModulesToSaveWrapper, _get_submodules
+
+    from .prefix import CapaBoostPrefixConfig
+
+    config = model.peft_config.get(adapter_name)
+    if not isinstance(config, CapaBoostPrefixConfig):
+        raise ValueError(
+            f"export_as_prefix needs a CapaBoost prefix adapter; adapter {adapter_name!r} is "
+            f"{type(config).__name__ if config is not None else 'missing'} (adapters: {list(model.peft_config)})."
+        )
+    encoder = model.prompt_encoder[adapter_name]
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        table = encoder.table().detach().clone()
+    base = model.get_base_model()
+    for name, module in list(base.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):  # keep the trained copy as the plain module
+            parent, _, target_name = _get_submodules(base, name)
+            saved = module.modules_to_save
+            setattr(parent, target_name, saved[adapter_name] if adapter_name in saved else module.original_module)
+    prefix_config = PrefixTuningConfig(
+        task_type=config.task_type,
+        num_virtual_tokens=config.num_virtual_tokens,
+        token_dim=config.token_dim,
+        num_transformer_submodules=config.num_transformer_submodules,
+        num_attention_heads=config.num_attention_heads,
+        num_layers=config.num_layers,
+        prefix_projection=False,
+        modules_to_save=config.modules_to_save,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        inference_mode=config.inference_mode,
+    )
+    prefix_model = get_peft_model(base, prefix_config, adapter_name=adapter_name)
+    with torch.no_grad():
+        prefix_model.prompt_encoder[adapter_name].embedding.weight.copy_(table)
+    prefix_model.train(was_training)
+    return prefix_model
