@@ -54,8 +54,8 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         if r < 1:
             raise ValueError(f"r must be an integer >= 1, got {r}.")
         warn_dense_copies(spec)
-        pair = MaskedPair(spec, self.capaboost_name, r, self.in_features, self.out_features)
-        dense_a = torch.empty(r, self.in_features)
+        pair = MaskedPair(spec, self.capaboost_name, r, self.factor_in_features, self.out_features)
+        dense_a = torch.empty(r, self.factor_in_features)
         nn.init.kaiming_uniform_(dense_a, a=math.sqrt(5))  # as LoRA: A random
         dense_b = torch.zeros(self.out_features, r)  # as LoRA: B = 0, so the wrapped model equals the base
         if not init_lora_weights:
@@ -68,6 +68,11 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         self.cblora_B[adapter_name] = nn.Parameter(pair.B.pack(dense_b))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    @property
+    def factor_in_features(self) -> int:
+        """Columns of the down factor A: the input features (a conv's in_channels * kernel area)."""
+        return self.in_features
 
     def packed_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cblora_A[adapter], self.cblora_B[adapter]
@@ -173,6 +178,87 @@ class Linear(nn.Module, CapaBoostLoraLayer):
         return "capaboost." + super().__repr__()
 
 
+class Conv2d(nn.Module, CapaBoostLoraLayer):
+    """CapaBoost-LoRA around ``nn.Conv2d``, as PEFT's LoRA: A is a conv with the base kernel, B a 1x1 conv.
+
+    A is masked as an (r, in_channels*kh*kw) matrix (N:M groups run along that flattened input), B as
+    (out_channels, r). The d copies run as ONE conv with d*r output channels and one 1x1 conv, and
+    B_cat @ A_cat reshaped to the kernel is ΔW exactly, so merging is exact.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        capaboost_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        spec: MaskSpec,
+        init_lora_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        CapaBoostLoraLayer.__init__(self, base_layer, capaboost_name, **kwargs)
+        conv = self.get_base_layer()
+        if conv.groups != 1:
+            raise ValueError(
+                f"CapaBoost-LoRA cannot adapt {capaboost_name!r}: it is a grouped/depthwise Conv2d (groups="
+                f"{conv.groups}), whose ΔW is not one low-rank matrix. Target only convs with groups=1 (e.g. "
+                "pointwise 1x1 convs), or exclude it with exclude_modules."
+            )
+        pointwise = tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
+        if type(conv).forward is not nn.Conv2d.forward and not pointwise:
+            raise ValueError(
+                f"CapaBoost-LoRA cannot adapt {capaboost_name!r}: {type(conv).__name__} overrides Conv2d.forward "
+                "(e.g. timm's Conv2dSame pads dynamically), so the adapter conv could not reproduce its padding. "
+                "Only its 1x1/stride-1 convs can be targeted; exclude it with exclude_modules."
+            )
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"CapaBoost-LoRA cannot adapt {capaboost_name!r}: Conv2d padding_mode={conv.padding_mode!r} is not "
+                "supported (only 'zeros'); exclude it with exclude_modules."
+            )
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights)
+
+    @property
+    def factor_in_features(self) -> int:
+        conv = self.get_base_layer()
+        return conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        return super().get_delta_weight(adapter).reshape(self.get_base_layer().weight.shape)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise NotImplementedError(
+                "CapaBoost-LoRA does not support mixed-adapter batches (adapter_names=...); "
+                "call set_adapter() per batch instead."
+            )
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        conv = self.get_base_layer()
+        for adapter in self.active_adapters:
+            if adapter not in self.cblora_A:
+                continue
+            a_cat, b_cat = self.cat_factors(adapter)
+            kernel = a_cat.reshape(a_cat.shape[0], conv.in_channels, *conv.kernel_size)
+            x_in = self.lora_dropout[adapter](self._cast_input_dtype(x, a_cat.dtype))
+            h = F.conv2d(x_in, kernel, None, conv.stride, conv.padding, conv.dilation)  # d*r channels at once
+            result = result + (F.conv2d(h, b_cat[:, :, None, None]) * self.scaling[adapter]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "capaboost." + super().__repr__()
+
+
 def create_module(
     target: nn.Module, adapter_name: str, capaboost_name: str, config: Any, **layer_kwargs: Any
 ) -> nn.Module:
@@ -184,8 +270,10 @@ def create_module(
         return Linear(target, adapter_name, capaboost_name, fan_in_fan_out=False, **layer_kwargs)
     if isinstance(base, Conv1D):
         return Linear(target, adapter_name, capaboost_name, fan_in_fan_out=True, **layer_kwargs)
+    if isinstance(base, nn.Conv2d):
+        return Conv2d(target, adapter_name, capaboost_name, **layer_kwargs)
     raise ValueError(
         f"CapaBoost-LoRA cannot adapt {capaboost_name!r} of type {type(base).__module__}.{type(base).__name__}: "
-        "supported layer types are torch.nn.Linear and transformers' Conv1D. Remove it from target_modules "
-        "(or exclude it with exclude_modules)."
+        "supported layer types are torch.nn.Linear, transformers' Conv1D and torch.nn.Conv2d (groups=1). "
+        "Remove it from target_modules (or exclude it with exclude_modules)."
     )
