@@ -253,7 +253,8 @@ class MaskedFactor:
                 stacked = stacked * keep.to(packed.dtype) / self.spec.density  # inverted dropout: eval needs no mask
             return self._layout(stacked)
         extended = torch.cat([packed, packed.new_zeros(1)])
-        return extended[self.gather_index(packed.device)]
+        index = self.gather_index(packed.device)  # index_select: its backward is ~30x faster on CPU than [index]'s
+        return extended.index_select(0, index.reshape(-1)).view(index.shape)
 
 
 def warn_dense_copies(spec: MaskSpec) -> None:
