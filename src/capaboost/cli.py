@@ -65,6 +65,7 @@ HELP = {
     "num_virtual_tokens": "prefix tuning: number of prefix tokens",
     "prefix_hidden": "prefix tuning: hidden size of the reparameterisation MLP",
     "target_modules": "comma-separated module names to adapt (default: the method's, e.g. query,value)",
+    "adapter_placement": "adapters: JSON {layers, attn, ffn, ffn_in} overriding the architecture's placement",
     "threads": "torch CPU threads",
     "save_steps": "also checkpoint every N steps (always at epoch ends)",
     "eval_steps": "also validate every N steps (always at epoch ends)",
@@ -92,8 +93,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind in (list, dict) or typing.get_origin(kind) in (list, dict):
-            kwargs["type"] = json.loads if field.name == "reader_kwargs" else str
-            kwargs["metavar"] = "JSON" if field.name == "reader_kwargs" else "A,B"
+            as_json = kind is dict or typing.get_origin(kind) is dict
+            kwargs["type"] = json.loads if as_json else str
+            kwargs["metavar"] = "JSON" if as_json else "A,B"
         else:
             kwargs["type"] = kind
         if field.name == "task":

@@ -53,7 +53,7 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     Other architectures (fused qkv, e.g. GPT-2) get () and with it PEFT's per-architecture defaults.
     """
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for pair in (("query", "value"), ("q_proj", "v_proj")):
+    for pair in (("query", "value"), ("q_proj", "v_proj"), ("qkv",)):  # timm ViTs fuse q, k, v
         if set(pair) <= names:
             return pair
     return ()
@@ -182,7 +182,15 @@ def _adapter(style: str, masked: bool) -> Callable[[RunConfig, MethodContext], A
     def build(cfg: RunConfig, ctx: MethodContext) -> Any:
         config_cls = _import("adapter", "CapaBoostAdapterConfig", cfg.method)
         masks = _masks(cfg) if masked else _masks(cfg, copies=1, density=1.0)  # plain adapter: d=1, s=1
-        return config_cls(style=style, bottleneck=cfg.bottleneck, **masks, **_common(cfg, ctx))
+        if cfg.target_modules:
+            raise ConfigError(
+                f"method {cfg.method!r} places adapters by architecture (PAdapter after the FFN); to move them pass "
+                "--adapter-placement JSON, not --target-modules."
+            )
+        return config_cls(
+            style=style, bottleneck=cfg.bottleneck, adapter_placement=cfg.adapter_placement, **masks,
+            **_common(cfg, ctx, targets=False),
+        )
 
     return build
 

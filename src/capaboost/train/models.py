@@ -66,7 +66,6 @@ class TimmClassifier(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.config = SimpleNamespace(model_type="timm", use_return_dict=True, tie_word_embeddings=False)
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None, **_: Any) -> SimpleNamespace:
         logits = self.model(pixel_values)
@@ -76,8 +75,10 @@ class TimmClassifier(nn.Module):
 
 def _image(path: str, num_labels: int, is_regression: bool) -> nn.Module:
     if path.startswith(TIMM_PREFIX):
+        from ..timm_compat import import_timm
+
         try:
-            import timm
+            timm = import_timm()
         except ImportError as err:
             raise ConfigError(f"--model {path!r} needs timm, which failed to import: {err}") from err
         name, _, weights = path[len(TIMM_PREFIX) :].partition("@")

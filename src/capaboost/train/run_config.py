@@ -85,6 +85,7 @@ class RunConfig:
     num_virtual_tokens: int = 20
     prefix_hidden: int = 512
     target_modules: Optional[list] = None
+    adapter_placement: Optional[dict] = None
     # runtime
     threads: Optional[int] = None
     save_steps: Optional[int] = None
