@@ -56,7 +56,7 @@ def expand_sweep(spec: dict[str, Any]) -> list[dict[str, Any]]:
         method_opts = {"method": method} if isinstance(method, str) else dict(method)
         setting = dict(zip(grid, values))
         suffix = "".join(f"-{k}{v}" for k, v in setting.items())
-        tag = method_opts.pop("tag", None) or method_opts.get("method", "") + suffix
+        tag = (method_opts.pop("tag", None) or method_opts.get("method", "")) + suffix
         options = {**base, **task_opts, **method_opts, **setting, "seed": seed, "tag": tag}
         if "task" not in options:
             raise ConfigError("the sweep names no task: set base.task or a tasks: list")
