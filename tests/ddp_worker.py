@@ -9,9 +9,11 @@ Usage: torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR RESUME_FROM_CKPT
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
@@ -35,6 +36,7 @@ from capaboost.distributed import (  # noqa: E402
 )
 
 STEPS, CKPT_STEP, GLOBAL_BATCH, SEQ, VOCAB = 6, 3, 4, 8, 64
+WATCHDOG_S = 200
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -61,7 +63,7 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def train(ckpt_path: Path | None = None, resume: Path | None = None, hook_log: list | None = None) -> dict:
+def train(ckpt_path: Path | None = None, resume: Path | None = None) -> dict:
     """Train to STEPS (from ``resume`` if given), writing a checkpoint at CKPT_STEP; returns the trainables."""
     model = build_model()
     verify_masks_identical(model)
@@ -70,9 +72,6 @@ def train(ckpt_path: Path | None = None, resume: Path | None = None, hook_log: l
     start = load_checkpoint(resume, model, opt)["step"] if resume else 0
     world = rank_and_world()[1]
     wrapped = DDP(model) if world > 1 else model
-    if hook_log is not None and world > 1:
-        wrapped.register_comm_hook(None, lambda _, bucket: (hook_log.append(bucket.buffer().numel()),
-                                                            allreduce_hook(None, bucket))[1])
     for step in range(start, STEPS):
         loss = wrapped(**shard_batch(global_batch(step))).loss
         loss.backward()
@@ -83,30 +82,48 @@ def train(ckpt_path: Path | None = None, resume: Path | None = None, hook_log: l
     return trainable_state_dict(wrapped)
 
 
+def causal_lm_metrics() -> dict[str, float]:
+    """Causal-LM metrics of a tiny GPT-2 on 5 examples (uneven shards on 2 ranks)."""
+    from capaboost.data.causal_lm import CausalLMExample
+    from capaboost.train.causal_lm import evaluate_causal_lm
+    from test_causal_lm_data import tiny_gpt2, tiny_tokenizer
+
+    examples = [CausalLMExample("what is one plus one", " two"), CausalLMExample("the capital of", " france paris"),
+                CausalLMExample("", "a b c d", is_text=True), CausalLMExample("yes", " no"),
+                CausalLMExample("one two", " three")]
+    return evaluate_causal_lm(tiny_gpt2(), tiny_tokenizer(), examples, batch_size=2, max_new_tokens=2)
+
+
 def main(out: Path, resume_from: Path) -> None:
-    dist.init_process_group("gloo")
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)  # a hung rank prints its stacks and exits
+    dist.init_process_group("gloo", timeout=timedelta(seconds=240))  # fail, never hang, if a rank dies
     rank, world = rank_and_world()
     model = build_model()
     ddp = DDP(model)
+    ddp(**shard_batch(global_batch(0))).loss.backward()
+    reducer = ddp._get_ddp_logging_data()  # what DDP's reducer all-reduces: the requires_grad tensors
     structure = {
         "world_size": world,
         "parameters": [n for n, _ in ddp.module.named_parameters()],
         "trainable": {n: p.numel() for n, p in ddp.module.named_parameters() if p.requires_grad},
         "buffers": [n for n, _ in ddp.module.named_buffers()],
+        "reduced_tensors": int(reducer["num_parameter_tensors"]),
+        "reduced_bytes": int(reducer["total_parameter_size_bytes"]),
     }
-    hook_log: list[int] = []
-    final = train(out / "ckpt_w2.pt", hook_log=hook_log)
-    structure["allreduced_numel_per_step"] = sum(hook_log) // (STEPS)
+    del ddp, model
+    final = train(out / "ckpt_w2.pt")
     resumed = train(resume=resume_from)
     try:
         verify_masks_identical(build_model(mask_seed=rank))
         mismatch = None
     except RuntimeError as err:
         mismatch = str(err)
+    structure["causal_lm_metrics"] = causal_lm_metrics()
     if rank == 0:
         torch.save({"final": final, "resumed": resumed}, out / "weights_w2.pt")
         (out / "structure.json").write_text(json.dumps(structure))
     (out / f"mismatch_rank{rank}.txt").write_text(mismatch or "")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -91,7 +91,8 @@ def masks_fingerprint(model: torch.nn.Module) -> str:
     return fingerprint(digests)
 
 
-def _collective_device(group: Optional[Any]) -> torch.device:
+def collective_device(group: Optional[Any] = None) -> torch.device:
+    """Where a tensor must live for a collective on ``group``: the current GPU under NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -107,7 +108,7 @@ def verify_masks_identical(model: torch.nn.Module, group: Optional[Any] = None) 
     rank, world = rank_and_world(group)
     if world == 1:
         return digest
-    value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=_collective_device(group))
+    value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=collective_device(group))
     gathered = [torch.zeros_like(value) for _ in range(world)]
     dist.all_gather(gathered, value, group=group)
     seen = [int(t.item()) for t in gathered]
@@ -125,11 +126,20 @@ def verify_masks_identical(model: torch.nn.Module, group: Optional[Any] = None) 
     return digest
 
 
+def all_reduce_sum(values: list[float], group: Optional[Any] = None) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks (float64); the values themselves without a process group."""
+    if rank_and_world(group)[1] == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(tensor, group=group)
+    return tensor.tolist()
+
+
 def _all_ok(ok: bool, group: Optional[Any]) -> bool:
     """True iff ``ok`` on every rank (also serves as the barrier after a rank-0 write)."""
     if rank_and_world(group)[1] == 1:
         return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_collective_device(group))
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=collective_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag.item()) == 0
 

@@ -1,0 +1,151 @@
+"""Causal-LM data: JSONL of ``prompt``/``response`` pairs (loss on the response only) or plain ``text``.
+
+Prompt and response are tokenized separately and concatenated, so the prompt ids seen in training
+are exactly those that :func:`capaboost.train.causal_lm.greedy_generate` continues from; with BPE
+tokenizers start the response with the space that separates it from the prompt (``" 4"``). The
+tokenizer's EOS is appended to every response so the model learns where to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from capaboost.data.errors import DataError
+from capaboost.data.io import iter_jsonl
+from capaboost.train.protocols import apply_protocol
+
+IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss
+TRAIN_FILES = ("train.jsonl",)
+EVAL_FILES = ("validation.jsonl", "dev.jsonl")
+
+
+@dataclass
+class CausalLMExample:
+    """One training sequence; plain ``text`` rows have ``prompt=""`` and ``is_text=True`` (no exact match)."""
+
+    prompt: str
+    response: str
+    is_text: bool = False
+
+
+@dataclass
+class CausalLMData:
+    """A causal-LM task after the split protocol."""
+
+    name: str
+    train: list[CausalLMExample]
+    validation: list[CausalLMExample]
+    test: list[CausalLMExample]
+    metric_names: tuple[str, ...] = ("perplexity", "exact_match")
+    main_metric: str = "perplexity"
+    greater_is_better: bool = False  # perplexity: lower is better
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+def _string(obj: dict, field: str, path: Path, line: int) -> str:
+    value = obj[field]
+    if not isinstance(value, str):
+        raise DataError(f"{field!r} must be a string, got {type(value).__name__}", path, line, field)
+    return value
+
+
+def read_causal_lm_jsonl(path: str | Path) -> list[CausalLMExample]:
+    """Rows ``{"prompt": ..., "response": ...}`` or ``{"text": ...}``; anything else names the line and field."""
+    path = Path(path)
+    out: list[CausalLMExample] = []
+    for line, obj in iter_jsonl(path):
+        if "text" in obj and ("prompt" in obj or "response" in obj):
+            raise DataError("a row has either 'text' or 'prompt'/'response', not both", path, line, "text")
+        if "text" in obj:
+            text = _string(obj, "text", path, line)
+            if not text.strip():
+                raise DataError("'text' is empty: nothing to train on", path, line, "text")
+            out.append(CausalLMExample("", text, is_text=True))
+            continue
+        for field in ("prompt", "response"):
+            if field not in obj:
+                raise DataError(
+                    f"missing field {field!r}; each row needs 'prompt' and 'response' (loss on the response), or "
+                    f"'text'; fields found: {sorted(obj)}", path, line, field)
+        prompt, response = _string(obj, "prompt", path, line), _string(obj, "response", path, line)
+        if not response.strip():
+            raise DataError("'response' is empty: the loss is on the response only", path, line, "response")
+        out.append(CausalLMExample(prompt, response))
+    return out
+
+
+def _find(data_dir: Path, names: Sequence[str]) -> Optional[Path]:
+    return next((data_dir / n for n in names if (data_dir / n).is_file()), None)
+
+
+def load_causal_lm(
+    data_dir: str | Path,
+    protocol: str = "dev",
+    seed: int = 0,
+    max_train_samples: Optional[int] = None,
+    max_eval_samples: Optional[int] = None,
+) -> CausalLMData:
+    """``train.jsonl`` + ``validation.jsonl`` (or ``dev.jsonl``) from ``data_dir``, split like the GLUE tasks."""
+    data_dir = Path(data_dir)
+    train_file, eval_file = _find(data_dir, TRAIN_FILES), _find(data_dir, EVAL_FILES)
+    if train_file is None or eval_file is None:
+        missing = TRAIN_FILES[0] if train_file is None else " or ".join(EVAL_FILES)
+        raise DataError(
+            f"missing {missing}; a causal-lm folder holds train.jsonl and validation.jsonl (or dev.jsonl), one JSON "
+            'object per line: {"prompt": ..., "response": ...} or {"text": ...}', data_dir / missing.split()[0])
+    train, val, test = apply_protocol(read_causal_lm_jsonl(train_file), read_causal_lm_jsonl(eval_file), protocol,
+                                      seed, max_train_samples, max_eval_samples)
+    return CausalLMData(name="causal-lm", train=train, validation=val, test=test)
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt tokens with the tokenizer's own special prefix (e.g. LLaMA's BOS); shared with generation."""
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def tokenize_example(example: CausalLMExample, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+    """``input_ids`` = prompt + response + EOS, ``labels`` = -100 on the prompt.
+
+    Over ``max_length`` the response keeps its head (at most ``max_length - 1`` tokens) and the
+    prompt its tail, the part next to the response.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (one prompt or BOS token and one target), got {max_length}.")
+    head = prompt_ids(tokenizer, example.prompt)  # plain text: "" -> just the special prefix, if any
+    body = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        body.append(tokenizer.eos_token_id)
+    body = body[: max_length - 1] if head else body[:max_length]
+    head = head[len(head) - (max_length - len(body)):] if len(head) + len(body) > max_length else head
+    return {"input_ids": head + body, "labels": [IGNORE_INDEX] * len(head) + body}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its EOS (padding is masked out, so its id does not matter)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token = ... before use.")
+
+
+class CausalLMCollator:
+    """Right-pads ``input_ids``/``labels`` (labels with -100) and builds the attention mask."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
