@@ -137,13 +137,20 @@ def test_merge_and_unload_keeps_generations(name):
     assert torch.equal(greedy(merged, ids, True), expected)
 
 
-def test_capaboost_adapters_generate_on_decoders():
+@pytest.mark.parametrize("style", ["pfeiffer", "houlsby", "parallel"])
+@pytest.mark.parametrize("name", CASES)
+def test_capaboost_adapters_generate_on_decoders(name, style):
     adapter = pytest.importorskip("capaboost.adapter", reason="capaboost.adapter (CapaBoost adapters) has not landed")
-    config_cls = getattr(adapter, "CapaBoostAdapterConfig", None)
-    if config_cls is None:
-        pytest.skip("capaboost.adapter has no CapaBoostAdapterConfig yet")
-    for build in (tiny_gpt2, tiny_llama):
-        model = get_peft_model(build(), config_cls(task_type="CAUSAL_LM")).eval()
-        ids = torch.randint(2, 50, (2, 5), generator=torch.Generator().manual_seed(6))
-        cached, uncached = greedy(model, ids, True), greedy(model, ids, False)
-        assert torch.equal(cached, uncached)
+    config = adapter.CapaBoostAdapterConfig(style=style, bottleneck=4, init_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(CASES[name][0](), config).eval()
+    ids = torch.randint(2, 50, (2, 5), generator=torch.Generator().manual_seed(6))
+    cached = greedy(model, ids, True)
+    assert torch.equal(cached, greedy(model, ids, False))  # KV cache unaffected
+    with torch.no_grad():
+        full = model(input_ids=cached).logits
+        prefix = model(input_ids=cached[:, :-1], use_cache=True)
+        step = model(input_ids=cached[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits
+        with model.disable_adapter():
+            base = model(input_ids=cached).logits
+    torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base, full, atol=1e-3)  # the adapters are in the decoding path
