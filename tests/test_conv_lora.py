@@ -133,3 +133,18 @@ def test_conv_with_custom_forward_is_refused_unless_pointwise():
     expected = model(x)
     model.merge_adapter()
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_export_as_lora_matches_and_refuses_dilation():
+    from capaboost import export_as_lora
+
+    model = make(targets=("pw",)).eval()
+    x = torch.randn(2, 4, 12, 12)
+    expected = model(x)
+    lora = export_as_lora(model).eval()
+    assert lora.peft_config["default"].r == 6  # d*r = 3*2
+    torch.testing.assert_close(lora(x), expected, atol=1e-5, rtol=1e-5)
+    dilated = make(targets=("conv",))
+    with pytest.raises(ValueError, match=r"dilation=\(2, 2\).*merge_and_unload"):
+        export_as_lora(dilated)
+    assert isinstance(dilated.base_model.model.conv, Conv2d)  # refused before unloading anything

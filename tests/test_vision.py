@@ -48,8 +48,8 @@ def test_vit_forward_backward_merge_and_reload(tmp_path):
     torch.testing.assert_close(merged(pixel_values=pixels).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_vit_linear_only_export_matches():
-    model = get_peft_model(tiny_vit(), cb_config(["q_proj", "v_proj"])).eval()
+def test_vit_export_as_lora_matches_patch_conv_included():
+    model = get_peft_model(tiny_vit(), cb_config(VIT_TARGETS)).eval()
     pixels = torch.randn(2, 3, 16, 16)
     expected = model(pixel_values=pixels).logits
     lora = export_as_lora(model).eval()

@@ -37,7 +37,7 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
             if not isinstance(module, CapaBoostLoraLayer) or adapter_name not in module.cblora_A:
                 continue
             name, d = module.capaboost_name, module.capaboost_pairs[adapter_name].spec.num_copies
-            a_cat, b_cat = module.capaboost_pairs[adapter_name].cat(*module.packed_factors(adapter_name))
+            a_cat, b_cat = module.lora_weights(adapter_name)
             lora_state[f"base_model.model.{name}.lora_A.weight"] = a_cat.detach().clone()
             lora_state[f"base_model.model.{name}.lora_B.weight"] = b_cat.detach().clone()
             ranks[name], alphas[name] = d * module.r[adapter_name], d * module.lora_alpha[adapter_name]

@@ -77,6 +77,10 @@ class CapaBoostLoraLayer(BaseTunerLayer):
     def packed_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cblora_A[adapter], self.cblora_B[adapter]
 
+    def lora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat, B_cat) shaped as PEFT LoRA's lora_A/lora_B weights of rank d*r (for export)."""
+        return self.capaboost_pairs[adapter].cat(*self.packed_factors(adapter))
+
     def cat_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_cat, B_cat) of ``adapter``: d*r x in and out x d*r, masks applied."""
         return self.capaboost_pairs[adapter].cat(self.cblora_A[adapter], self.cblora_B[adapter], self.training)
@@ -230,6 +234,16 @@ class Conv2d(nn.Module, CapaBoostLoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         return super().get_delta_weight(adapter).reshape(self.get_base_layer().weight.shape)
+
+    def lora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        conv = self.get_base_layer()
+        if tuple(conv.dilation) != (1, 1):
+            raise ValueError(
+                f"cannot export {self.capaboost_name!r} as PEFT LoRA: its Conv2d has dilation={conv.dilation}, which "
+                "PEFT's LoRA conv ignores (it would change the outputs). Merge it instead (merge_and_unload)."
+            )
+        a_cat, b_cat = super().lora_weights(adapter)
+        return a_cat.reshape(a_cat.shape[0], *conv.weight.shape[1:]), b_cat[:, :, None, None]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
