@@ -34,6 +34,24 @@ def rank_and_world(group: Optional[Any] = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def launched_world_size() -> int:
+    """The world size a launcher (torchrun, accelerate launch, mpirun) set in the environment; 1 if none."""
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def accelerator_kwargs() -> dict[str, Any]:
+    """Arguments for ``accelerate.Accelerator`` so that a ``torchrun`` launch is data-parallel on any machine.
+
+    On a machine without CUDA, Accelerate only starts its gloo process group when asked for the CPU
+    (``cpu=True``, which ``accelerate launch --cpu`` sets); otherwise N torchrun processes would
+    silently train N independent copies.
+    """
+    return {"cpu": True} if launched_world_size() > 1 and not torch.cuda.is_available() else {}
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """Peel DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, so names don't depend on them."""
     while True:

@@ -1,4 +1,5 @@
-"""Causal-LM evaluation: perplexity over response tokens and exact match of greedy generations.
+"""Causal-LM evaluation (perplexity over response tokens, exact match of greedy generations) and the
+runner's ``causal-lm`` task.
 
 Perplexity is exp(total NLL / number of response tokens) over the whole set, not a mean of
 per-batch or per-example perplexities, so it does not depend on batching or padding.
@@ -16,11 +17,15 @@ from capaboost.data.causal_lm import (
     IGNORE_INDEX,
     CausalLMCollator,
     CausalLMExample,
+    load_causal_lm,
     pad_token_id,
     prompt_ids,
     tokenize_example,
 )
 from capaboost.distributed import all_reduce_sum, rank_and_world
+
+from .models import load_tokenizer
+from .task_base import Task, cached, tokenizer_fingerprint
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -124,3 +129,38 @@ def evaluate_causal_lm(
     if pairs:
         metrics["exact_match"] = correct / len(pairs)
     return metrics
+
+
+class CausalLMTask(Task):
+    """Runner task ``causal-lm``: JSONL folder -> response-only LM loss; perplexity (main) and exact match."""
+
+    model_kind = "causal_lm"
+    peft_task_type = "CAUSAL_LM"
+    greater_is_better = False  # the runner's model selection minimises perplexity
+
+    def load(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+
+        def build() -> dict[str, Any]:
+            data = load_causal_lm(cfg.data_dir, cfg.protocol, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples)
+            encode = lambda examples: [  # noqa: E731
+                {**tokenize_example(e, self.tokenizer, cfg.max_seq_len), "example": e} for e in examples]
+            return {"metric_names": list(data.metric_names), "main_metric": data.main_metric, "train": encode(data.train),
+                    "eval_splits": {"validation": encode(data.validation), "test": encode(data.test)}}
+
+        key = {"task": cfg.task, "data_dir": cfg.data_dir, "tokenizer": tokenizer_fingerprint(self.tokenizer),
+               "max_seq_len": cfg.max_seq_len, "protocol": cfg.protocol, "seed": cfg.seed,
+               "samples": [cfg.max_train_samples, cfg.max_eval_samples]}
+        self.__dict__.update(cached(cfg, key, build))
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return CausalLMCollator(pad_token_id(self.tokenizer))(features)
+
+    def evaluate_model(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        """Called by the runner on every rank instead of predict + score (generation does not fit them)."""
+        examples = [f["example"] for f in self.eval_splits[split]]
+        return evaluate_causal_lm(model, self.tokenizer, examples, self.cfg.max_seq_len, self.cfg.eval_batch_size)
+
+    def score(self, split: str, outputs: dict) -> dict[str, float]:
+        raise NotImplementedError("causal-lm is scored by evaluate_model (perplexity needs labels, EM generation).")

@@ -90,8 +90,15 @@ def _image(path: str, num_labels: int, is_regression: bool) -> nn.Module:
     return AutoModelForImageClassification.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True)
 
 
+def _causal_lm(path: str, num_labels: int, is_regression: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
 # kind -> loader(path, num_labels, is_regression); one entry per head kind
-MODEL_KINDS: dict[str, Callable[[str, int, bool], nn.Module]] = {"seq_cls": _seq_cls, "qa": _qa, "image": _image}
+MODEL_KINDS: dict[str, Callable[[str, int, bool], nn.Module]] = {
+    "seq_cls": _seq_cls, "qa": _qa, "image": _image, "causal_lm": _causal_lm}
 
 
 def build_base_model(kind: str, path: str, num_labels: int = 2, is_regression: bool = False) -> nn.Module:

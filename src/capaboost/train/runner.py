@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..data.errors import DataError
+from ..distributed import accelerator_kwargs, verify_masks_identical
 from .checkpoint import CHECKPOINT_DIR, atomic_write_dir, atomic_write_json, load_checkpoint, resolve_dir, save_checkpoint
 from .methods import METHODS, MethodContext, adapter_ranks, apply_method, count_parameters, head_names, is_head
 from .run_config import ConfigError, RunConfig
@@ -131,7 +132,7 @@ class _Session:
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator(**accelerator_kwargs())  # gloo on CPU-only torchrun launches too
         self.main = self.accelerator.is_main_process
         self.start = time.perf_counter()
         self.eval_time = 0.0
@@ -241,6 +242,7 @@ class _Session:
         model = self.task.build_model()
         ctx = MethodContext(self.task.peft_task_type, tuple(self.task.head_modules), self.total_steps)
         model = apply_method(cfg, model, ctx)
+        verify_masks_identical(model)  # every rank regenerated the same masks (one all-gather)
         self.trainable_params, self.total_params = count_parameters(model)
         if self.trainable_params == 0:
             raise ConfigError(f"method {cfg.method!r} left no trainable parameters in this model.")
@@ -281,10 +283,13 @@ class _Session:
         t0 = time.perf_counter()
         features = self.task.eval_splits[split]
         model = self.accelerator.unwrap_model(self.model)
-        outputs = predict(model, self.task, features, self.cfg.eval_batch_size, self.accelerator)
+        if hasattr(self.task, "evaluate_model"):  # tasks that generate (causal-lm) score themselves
+            metrics = self.task.evaluate_model(model, split)
+        else:
+            metrics = self.task.score(split, predict(model, self.task, features, self.cfg.eval_batch_size, self.accelerator))
         self.eval_time += time.perf_counter() - t0
         self.eval_examples += len(features)
-        return self.task.score(split, outputs)
+        return metrics
 
     def validate(self) -> None:
         p = self.progress
@@ -293,7 +298,8 @@ class _Session:
         p["validation"].append(entry)
         LOG.info("step %d validation %s", p["global_step"], _fmt(metrics))
         main = metrics[self.task.main_metric]
-        if self.task.model_selection() and (p["best"] is None or main > p["best"]["value"]):
+        sign = 1 if getattr(self.task, "greater_is_better", True) else -1  # causal-lm: lower perplexity
+        if self.task.model_selection() and (p["best"] is None or sign * main > sign * p["best"]["value"]):
             p["best"] = {"step": p["global_step"], "value": main}
             self.best_state = self.trainable_state()
 

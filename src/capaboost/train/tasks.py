@@ -6,6 +6,7 @@ Adding a task is one entry here (plus its Task subclass); the CLI's ``--task`` c
 from __future__ import annotations
 
 from ..data.glue import GLUE_TASKS
+from .causal_lm import CausalLMTask
 from .task_base import Task
 from .task_image import ImageClassificationTask
 from .task_qa import QuestionAnsweringTask
@@ -18,4 +19,5 @@ TASKS: dict[str, type[Task]] = {
     "squad": QuestionAnsweringTask,
     "squad_v2": QuestionAnsweringTask,
     "image": ImageClassificationTask,
+    "causal-lm": CausalLMTask,
 }

@@ -1,0 +1,80 @@
+"""``capaboost train --task causal-lm`` on a tiny GPT-2, in one process and under torchrun (2 CPU ranks)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from capaboost.cli import main
+from test_causal_lm_data import WORDS, tiny_tokenizer
+from test_distributed import _torchrun
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny GPT-2 + tokenizer and a copy task ("a b" -> " b a"): every response is 2 words + EOS."""
+    root = tmp_path_factory.mktemp("clm")
+    model_dir = root / "model"
+    tiny_tokenizer().save_pretrained(model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                               eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(model_dir)
+    rng = random.Random(0)
+    data = root / "data"
+    data.mkdir()
+    for name, n in (("train.jsonl", 16), ("dev.jsonl", 6)):
+        rows = []
+        for _ in range(n):
+            x, y = rng.sample(WORDS, 2)
+            rows.append(json.dumps({"prompt": f"{x} {y}", "response": f" {y} {x}"}))
+        extra = [json.dumps({"text": "one two three"})] if name == "dev.jsonl" else []  # scored, no exact match
+        (data / name).write_text("\n".join(rows + extra) + "\n")
+    return root, model_dir, data
+
+
+def _args(model_dir, data, out, batch_size: int) -> list[str]:
+    # r goes through --config: torchrun rejects "--r" as an ambiguous prefix of its own --rdzv-*/--role options
+    config = out.parent / "clm-config.json"
+    config.write_text(json.dumps({"r": 2}))
+    return ["train", "--config", str(config), "--task", "causal-lm", "--method", "capaboost-lora", "--model", str(model_dir), "--data-dir",
+            str(data), "--output-dir", str(out), "--max-steps", "4", "--batch-size", str(batch_size), "--lr", "0.01",
+            "--max-seq-len", "16", "--eval-batch-size", "4", "--no-progress", "--cache-dir",
+            str(out.parent / f"cache-{out.name}")]
+
+
+def test_cli_trains_causal_lm_and_reports_perplexity_and_exact_match(setup):
+    root, model_dir, data = setup
+    assert main(_args(model_dir, data, root / "one", batch_size=4)) == 0
+    metrics = json.loads((root / "one" / "metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) == {"loss", "perplexity", "exact_match"} and metrics["main_metric"] == "perplexity"
+    assert test["perplexity"] == pytest.approx(torch.tensor(test["loss"]).exp().item(), rel=1e-6)
+    assert 0.0 <= test["exact_match"] <= 1.0 and metrics["sizes"] == {"train": 16, "validation": 7, "test": 7}
+    assert set(metrics["delta_ranks"].values()) == {4}  # d*r on GPT-2's fused c_attn (PEFT's default target)
+    assert (root / "one" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_cli_under_torchrun_two_ranks(setup):
+    root, model_dir, data = setup
+    _torchrun(root / "torchrun-cli.log", "-m", "capaboost.cli", *_args(model_dir, data, root / "two", batch_size=2))
+    two = json.loads((root / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and two["global_batch_size"] == 4
+    assert set(two["test"]) == {"loss", "perplexity", "exact_match"}
+    one_dir = root / "one"
+    if not (one_dir / "metrics.json").is_file():
+        assert main(_args(model_dir, data, one_dir, batch_size=4)) == 0
+    one = json.loads((one_dir / "metrics.json").read_text())
+    # same global batches; every response has the same token count, so the rank-averaged loss is the global one
+    assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=1e-4)
