@@ -114,6 +114,17 @@ def test_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_path):
         assert "masks differ across ranks" in message and "ranks [0]" in message and "ranks [1]" in message
 
 
+def test_fsdp_on_cpu_gloo_matches_ddp(tmp_path):
+    """FSDP2 (fully_shard) and FSDP1 (use_orig_params) shard the packed values and train like DDP."""
+    _torchrun(tmp_path / "fsdp.log", "tests/ddp_fsdp.py", str(tmp_path / "fsdp.json"))
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    for wrap in ("fsdp2", "fsdp1"):
+        assert report[wrap]["ok"], report[wrap]
+        assert report[wrap]["max_abs_diff"] < 1e-6
+    held, total = report["fsdp2"]["sharding"]
+    assert 0 < held < total  # each rank holds only its shard of the packed values
+
+
 def test_verify_masks_is_a_noop_without_process_group():
     model = ddp_worker.build_model()
     assert verify_masks_identical(model) == masks_fingerprint(model)
