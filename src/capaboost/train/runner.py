@@ -336,7 +336,7 @@ class _Session:
                 p["batch_in_epoch"] = b + 1
                 p["examples"] += len(batches[b])
                 p["train_time_s"] += time.perf_counter() - t0
-                running.append(float(loss.detach()))
+                running.append(float(acc.reduce(loss.detach(), reduction="mean")))  # all ranks' batch, not rank 0's
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
                 done = p["global_step"] >= self.total_steps
