@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="capaboost-demo", help="runs, table and plot go here")
     demo.add_argument("--max-train-samples", type=int, default=2000)
     demo.add_argument("--max-eval-samples", type=int, default=1000)
-    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--epochs", type=int, default=1)
     demo.add_argument("--max-seq-len", type=int, default=64)
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the idle cores)")
     demo.add_argument("--budget-s", type=float, default=270.0, help="skip the LoRA r=16 run if it would not fit")
     demo.add_argument("--plot", default=None, help="also write the plot here (e.g. docs/demo.png)")
     demo.add_argument("--model", default=None, help="model folder (default: the bundled MiniLM)")
@@ -154,7 +154,8 @@ def _train(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     config = make_config(read_config_file(args.config) if args.config else {}, options)
     metrics = train(config)
-    print(json.dumps({k: metrics[k] for k in ("task", "method", "test", "trainable_params", "wall_time_s")}))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary line under torchrun, not one per process
+        print(json.dumps({k: metrics[k] for k in ("task", "method", "test", "trainable_params", "wall_time_s")}))
     return 0
 
 
