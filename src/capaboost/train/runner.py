@@ -187,7 +187,7 @@ class _Session:
         cfg, metrics = self.cfg, self.out / "metrics.json"
         ckpt_dir = resolve_dir(self.out / CHECKPOINT_DIR)
         if cfg.overwrite and self.main:
-            for path in (metrics, self.out / "adapter"):
+            for path in (metrics, self.out / "adapter", self.out / "train.log"):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
