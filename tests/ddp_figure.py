@@ -34,7 +34,7 @@ def main(png: Path) -> None:
                                "--output-dir", str(work / "one")],
         "torchrun 2 processes x batch 4": [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                                            "--master_port", "29741", "-m", "capaboost.cli", *common,
-                                           "--batch-size", "4", "--threads", "1", "--output-dir", str(work / "two")],
+                                           "--batch-size", "8", "--threads", "1", "--output-dir", str(work / "two")],
     }
     results = {}
     for label, cmd in runs.items():

@@ -44,19 +44,17 @@ def setup(tmp_path_factory):
     return root, model_dir, data
 
 
-def _args(model_dir, data, out, batch_size: int) -> list[str]:
-    # r goes through --config: torchrun rejects "--r" as an ambiguous prefix of its own --rdzv-*/--role options
-    config = out.parent / "clm-config.json"
-    config.write_text(json.dumps({"r": 2}))
-    return ["train", "--config", str(config), "--task", "causal-lm", "--method", "capaboost-lora", "--model", str(model_dir), "--data-dir",
-            str(data), "--output-dir", str(out), "--max-steps", "4", "--batch-size", str(batch_size), "--lr", "0.01",
+def _args(model_dir, data, out) -> list[str]:
+    # --lora-r, not --r: torchrun rejects "--r" as an ambiguous prefix of its own --rdzv-*/--role options
+    return ["train", "--lora-r", "2", "--task", "causal-lm", "--method", "capaboost-lora", "--model", str(model_dir),
+            "--data-dir", str(data), "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4", "--lr", "0.01",
             "--max-seq-len", "16", "--eval-batch-size", "4", "--no-progress", "--cache-dir",
             str(out.parent / f"cache-{out.name}")]
 
 
 def test_cli_trains_causal_lm_and_reports_perplexity_and_exact_match(setup):
     root, model_dir, data = setup
-    assert main(_args(model_dir, data, root / "one", batch_size=4)) == 0
+    assert main(_args(model_dir, data, root / "one")) == 0
     metrics = json.loads((root / "one" / "metrics.json").read_text())
     test = metrics["test"]
     assert set(test) == {"loss", "perplexity", "exact_match"} and metrics["main_metric"] == "perplexity"
@@ -68,13 +66,13 @@ def test_cli_trains_causal_lm_and_reports_perplexity_and_exact_match(setup):
 
 def test_cli_under_torchrun_two_ranks(setup):
     root, model_dir, data = setup
-    _torchrun(root / "torchrun-cli.log", "-m", "capaboost.cli", *_args(model_dir, data, root / "two", batch_size=2))
+    _torchrun(root / "torchrun-cli.log", "-m", "capaboost.cli", *_args(model_dir, data, root / "two"))
     two = json.loads((root / "two" / "metrics.json").read_text())
-    assert two["world_size"] == 2 and two["global_batch_size"] == 4
+    assert two["world_size"] == 2 and two["global_batch_size"] == 4 and two["per_device_batch_size"] == 2
     assert set(two["test"]) == {"loss", "perplexity", "exact_match"}
     one_dir = root / "one"
     if not (one_dir / "metrics.json").is_file():
-        assert main(_args(model_dir, data, one_dir, batch_size=4)) == 0
+        assert main(_args(model_dir, data, one_dir)) == 0
     one = json.loads((one_dir / "metrics.json").read_text())
     # same global batches; every response has the same token count, so the rank-averaged loss is the global one
     assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=1e-4)

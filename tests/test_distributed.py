@@ -44,12 +44,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(log: Path, *args: str, timeout: int = 240) -> None:
-    """Run a 2-process torchrun with its output in ``log`` (ranks watchdog themselves: ddp_worker.WATCHDOG_S)."""
+def _torchrun(log: Path, *args: str, timeout: int = 240, succeed: bool = True, env: dict | None = None) -> None:
+    """Run a 2-process torchrun with its output in ``log`` (ranks watchdog themselves: ddp_worker.WATCHDOG_S).
+
+    ``succeed=False`` expects the launch to fail (it must still end before ``timeout``: no rank may hang).
+    """
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not installed: the multi-process tests need it (it ships with torch)")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -59,7 +62,10 @@ def _torchrun(log: Path, *args: str, timeout: int = 240) -> None:
             proc.kill()
             proc.wait()
             pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s:\n{log.read_text()[-4000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log.read_text()[-5000:]}"
+    if succeed:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log.read_text()[-5000:]}"
+    else:
+        assert proc.returncode != 0, f"{' '.join(cmd)} was expected to fail:\n{log.read_text()[-5000:]}"
 
 
 def _assert_same(a: dict, b: dict, atol: float = 1e-6) -> None:

@@ -216,13 +216,16 @@ def test_finished_runs_are_not_overwritten_silently(tmp_path, bert, cache):
     assert run(tmp_path, bert, cache, task="sst2", method="bitfit", data_dir=data, max_steps=2, overwrite=True)["steps"] == 2
 
 
-def test_epoch_order_depends_only_on_seed_and_epoch_and_shards_cover_the_batch():
-    a = epoch_batches(10, 4, seed=3, epoch=1, world=1)
-    assert [list(x) for x in a] == [list(x) for x in epoch_batches(10, 4, seed=3, epoch=1, world=1)]
-    assert sorted(np.concatenate(a).tolist()) == list(range(10))
-    assert [list(x) for x in a] != [list(x) for x in epoch_batches(10, 4, seed=3, epoch=2, world=1)]
-    two = epoch_batches(10, 4, seed=3, epoch=1, world=2)  # topped up so both processes get 2 rows
-    assert all(len(b) == 4 for b in two) and set(np.concatenate(two).tolist()) == set(range(10))
+def test_epoch_order_depends_only_on_seed_and_epoch_and_batches_are_full():
+    a = epoch_batches(10, 4, seed=3, epoch=1)
+    assert [list(x) for x in a] == [list(x) for x in epoch_batches(10, 4, seed=3, epoch=1)]
+    assert [list(x) for x in a] != [list(x) for x in epoch_batches(10, 4, seed=3, epoch=2)]
+    # 3 full batches: every example once, the last batch topped up with the epoch's first 2
+    flat = np.concatenate(a)
+    assert [len(b) for b in a] == [4, 4, 4] and sorted(flat[:10].tolist()) == list(range(10))
+    assert flat[10:].tolist() == flat[:2].tolist()
+    small = epoch_batches(3, 8, seed=0, epoch=0)  # fewer examples than one batch: the order repeats
+    assert len(small) == 1 and len(small[0]) == 8 and sorted(np.bincount(small[0]).tolist()) == [2, 3, 3]
 
 
 def test_predict_returns_outputs_in_feature_order_despite_length_sorting(tmp_path, bert, cache):

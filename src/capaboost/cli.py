@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .train.run_config import RunConfig
+from .train.run_config import ALIASES, RunConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every model and dataset is a local file
 
@@ -52,13 +52,16 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "warmup_ratio": "fraction of steps with linear warm-up",
     "max_grad_norm": "gradient clipping (0: off)",
-    "batch_size": "per-process batch size (global batch = this x number of processes)",
-    "eval_batch_size": "evaluation batch size",
-    "d": "CapaBoost: number of masked parallel copies",
+    "batch_size": "GLOBAL batch size: examples per optimizer step over all processes; each of the N processes "
+    "takes batch_size/N (must divide evenly). Unchanged by the number of processes, so runs and resumed "
+    "checkpoints do not depend on it",
+    "eval_batch_size": "evaluation batch size (per process)",
+    "d": "CapaBoost: number of masked parallel copies (under torchrun spell it --num-copies)",
     "density": "CapaBoost: mask density s of each copy",
     "mask_seed": "CapaBoost: mask seed (default: --seed)",
     "mask_pattern": "CapaBoost: 'random' or 'N:M' (e.g. 2:4)",
-    "r": "rank (LoRA-style methods; per copy for CapaBoost; VeRA/RandLoRA: their projection size)",
+    "r": "rank (LoRA-style methods; per copy for CapaBoost; VeRA/RandLoRA: their projection size); "
+    "under torchrun spell it --lora-r or --rank",
     "alpha": "LoRA-style scaling numerator (default 2r)",
     "dropout": "adapter dropout",
     "bottleneck": "adapters: bottleneck width",
@@ -87,7 +90,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     from .train.tasks import TASKS
 
     for field in dataclasses.fields(RunConfig):
-        flag = "--" + field.name.replace("_", "-")
+        aliases = sorted(a for a, target in ALIASES.items() if target == field.name)  # --lora-r, --num-copies
+        flags = ["--" + name.replace("_", "-") for name in (field.name, *aliases)]
         kind = _field_type(field)
         kwargs: dict[str, Any] = {"help": HELP.get(field.name), "default": argparse.SUPPRESS, "dest": field.name}
         if kind is bool:
@@ -102,7 +106,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = list(TASKS)
         if field.name == "method":
             kwargs["choices"] = list(METHODS)
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*flags, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -40,11 +41,30 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` (and the folders' entries) to disk before it is renamed into place."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
     """Fill a fresh temporary directory with ``write(tmp)``, then swap it in for ``path``.
 
     A directory cannot be renamed over a non-empty one, so the old copy is moved aside first; a
     crash between the two renames leaves ``path.old``, which :func:`resolve_dir` falls back to.
+    Whenever ``path`` is missing, ``path.old`` is the current copy and is kept until the new one is
+    in place, so no crash point leaves neither.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,11 +72,13 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
     old = path.with_name(path.name + ".old")
     try:
         write(tmp)
-        if old.exists():
-            shutil.rmtree(old)
+        _fsync_tree(tmp)
         if path.exists():
+            if old.exists():  # stale: a crash after the last swap, before its clean-up
+                shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

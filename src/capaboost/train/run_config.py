@@ -151,6 +151,9 @@ class RunConfig:
 
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(RunConfig)}
+# Long spellings of the short option names: torchrun reads "--r"/"--d" anywhere on its command line as
+# ambiguous abbreviations of its own options (--rdzv-*, --duplicate-*) and stops.
+ALIASES = {"lora_r": "r", "rank": "r", "num_copies": "d"}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -185,6 +188,7 @@ def make_config(*layers: dict[str, Any]) -> RunConfig:
     for layer in layers:
         for key, value in layer.items():
             name = key.replace("-", "_")
+            name = ALIASES.get(name, name)
             if name not in FIELD_NAMES:
                 close = [f for f in FIELD_NAMES if f.startswith(name[:3])]
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""

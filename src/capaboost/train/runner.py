@@ -1,11 +1,14 @@
 """The fine-tuning runner behind ``capaboost train``: one loop for every task and method.
 
 Built on ``accelerate.Accelerator`` so the same code runs on one CPU process or under
-``torchrun``/``accelerate launch`` (each process takes its slice of every global batch:
-global batch = ``batch_size`` x world size). Only the main process writes files, and every file is
-written atomically. Randomness is a pure function of the seed: the data order of epoch e comes from
-(seed, e) and the torch RNG is reseeded from (seed, step, rank) before each step, which is why a run
-resumed from a checkpoint reproduces the uninterrupted run exactly.
+``torchrun``/``accelerate launch``. ``batch_size`` is the GLOBAL batch: each of the N processes takes
+its contiguous ``batch_size / N`` slice of every batch, so one optimizer step sees the same examples
+whatever N is. Only the main process writes files, every file is written atomically, and a failed
+write raises on every process (none waits at a barrier for ever). Randomness is a pure function of
+the seed: the data order of epoch e comes from (seed, e) alone and the torch RNG is reseeded from
+(seed, step, rank) before each step, which is why a run resumed from a checkpoint reproduces the
+uninterrupted run, also under another number of processes (up to float rounding of the gradient
+all-reduce, and only with dropout off: dropout draws per process).
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from ..data.errors import DataError
-from ..distributed import accelerator_kwargs, verify_masks_identical
+from ..distributed import accelerator_kwargs, per_rank_batch_size, verify_masks_identical
 from .checkpoint import CHECKPOINT_DIR, atomic_write_dir, atomic_write_json, load_checkpoint, resolve_dir, save_checkpoint
 from .methods import METHODS, MethodContext, adapter_ranks, apply_method, count_parameters, head_names, is_head
 from .run_config import ConfigError, RunConfig
@@ -61,15 +64,16 @@ def versions() -> dict[str, str]:
     }
 
 
-def epoch_batches(n: int, global_batch: int, seed: int, epoch: int, world: int) -> list[np.ndarray]:
-    """Index batches of one epoch, shuffled from (seed, epoch) alone.
+def epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Index batches of one epoch, a function of (seed, epoch) only: never of the number of processes.
 
-    With several processes the last batch is topped up from the epoch's start (as
-    DistributedSampler does), so every process gets a non-empty slice.
+    Every batch is full: the last one is topped up from the epoch's start (as DistributedSampler
+    pads), so any world size dividing ``global_batch`` splits it evenly, and a checkpoint taken with
+    N processes continues with M on exactly the batches the N-process run would have seen.
     """
     order = np.random.default_rng([seed, 17, epoch]).permutation(n)
-    if world > 1 and n % global_batch:
-        order = np.concatenate([order, order[: global_batch - n % global_batch]])
+    steps = math.ceil(n / global_batch)
+    order = np.resize(order, steps * global_batch)  # repeats the order's start (several times if n < batch)
     return [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
 
 
@@ -139,9 +143,27 @@ class _Session:
         self.eval_examples = 0
 
     # ---------- files
-    def write(self, name: str, obj: Any) -> None:
+    def on_main(self, write: Callable[[], None], what: str) -> None:
+        """Run ``write`` on the main process only; if it fails, every process raises.
+
+        The all-reduce of the failure flag doubles as the barrier after the write, so the other ranks
+        never wait for ever for a main process that died mid-save.
+        """
+        error: Optional[Exception] = None
         if self.main:
-            atomic_write_json(self.out / name, obj)
+            try:
+                write()
+            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = err
+        flag = torch.tensor([0.0 if error is None else 1.0], device=self.accelerator.device)
+        failed = float(self.accelerator.reduce(flag, reduction="sum").item())
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"the main process failed to write {what}; the previous copy is kept (see its log).")
+
+    def write(self, name: str, obj: Any) -> None:
+        self.on_main(lambda: atomic_write_json(self.out / name, obj), name)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         model = self.accelerator.unwrap_model(self.model)
@@ -175,12 +197,14 @@ class _Session:
         next(iter(base.peft_config.values())).rank_pattern = state["rank_pattern"]
 
     def save(self) -> None:
-        if self.main:
-            save_checkpoint(
+        self.progress["world_size"] = self.world  # informative: resuming under another one is fine
+        self.on_main(
+            lambda: save_checkpoint(
                 self.out, self.trainable_state(), self.optimizer, self.scheduler, self.progress, self.best_state,
                 self.method_state(),
-            )
-        self.accelerator.wait_for_everyone()
+            ),
+            CHECKPOINT_DIR,
+        )
 
     # ---------- setup
     def prepare_output(self) -> Optional[dict]:
@@ -216,6 +240,12 @@ class _Session:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        try:  # before anything slow: a batch the processes cannot share evenly is a usage error
+            self.per_device = per_rank_batch_size(cfg.batch_size, self.world)
+        except ValueError as err:
+            raise ConfigError(f"--batch-size is the global batch, split over the processes: {err}") from None
+        self.global_batch = cfg.batch_size
         self.ckpt = load_checkpoint(self.out) if cfg.resume else None
         if self.ckpt is not None:
             saved = self.ckpt["progress"]["config"]
@@ -233,8 +263,6 @@ class _Session:
         if not self.task.train:
             raise DataError(f"task {cfg.task!r} has no training examples", cfg.data_dir)
         self.load_time = time.perf_counter() - t0
-        self.world, self.rank = acc.num_processes, acc.process_index
-        self.global_batch = cfg.batch_size * self.world
         self.steps_per_epoch = math.ceil(len(self.task.train) / self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
@@ -276,7 +304,10 @@ class _Session:
             self.load_method_state(self.ckpt["extra"])
             self.progress = self.ckpt["progress"]
             self.best_state = self.ckpt["best"]
-            LOG.info("resumed from step %d (epoch %d)", self.progress["global_step"], self.progress["epoch"])
+            LOG.info(
+                "resumed from step %d (epoch %d), saved by %s process(es), now %d", self.progress["global_step"],
+                self.progress["epoch"], self.progress.get("world_size", "?"), self.world,
+            )
 
     # ---------- evaluation
     def evaluate(self, split: str) -> dict[str, float]:
@@ -315,10 +346,10 @@ class _Session:
         )
         running = p.setdefault("running_loss", [])  # losses since the last log line, checkpointed too
         while p["global_step"] < self.total_steps:
-            batches = epoch_batches(len(self.task.train), self.global_batch, cfg.seed, p["epoch"], self.world)
+            batches = epoch_batches(len(self.task.train), self.global_batch, cfg.seed, p["epoch"])
             for b in range(p["batch_in_epoch"], len(batches)):
                 t0 = time.perf_counter()
-                idx = batches[b][self.rank * cfg.batch_size : (self.rank + 1) * cfg.batch_size]
+                idx = batches[b][self.rank * self.per_device : (self.rank + 1) * self.per_device]
                 batch = self.task.collate([self.task.train[i] for i in idx])
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 torch.manual_seed(step_seed(cfg.seed, p["global_step"], self.rank))
@@ -381,8 +412,7 @@ class _Session:
                 results[split] = self.evaluate(split)
         model = self.accelerator.unwrap_model(self.model)
         ranks = adapter_ranks(model)
-        if self.main:
-            self.save_adapter(model)
+        self.on_main(lambda: self.save_adapter(model), "adapter/")
         p["wall_time_s"] += self._lap()
         metrics: dict[str, Any] = {
             "task": cfg.task,
@@ -403,7 +433,7 @@ class _Session:
             "steps": p["global_step"],
             "epochs_run": round(p["global_step"] / self.steps_per_epoch, 4),
             "world_size": self.world,
-            "per_device_batch_size": cfg.batch_size,
+            "per_device_batch_size": self.per_device,
             "global_batch_size": self.global_batch,
             "train_loss": p["losses"],
             "wall_time_s": p["wall_time_s"],
@@ -419,7 +449,6 @@ class _Session:
             counts = parameter_counts(model)
             metrics["capaboost"] = {k: v for k, v in counts.items() if k != "modules"}
         self.write("metrics.json", metrics)
-        self.accelerator.wait_for_everyone()
         LOG.info("test %s  (%d trainable params, %.1fs)", _fmt(metrics["test"]), self.trainable_params, p["wall_time_s"])
         return metrics
 
@@ -472,7 +501,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         LOG.info(
             "task %s sizes %s, %d/%d trainable params, %d steps (global batch %d = %d x %d processes)",
             cfg.task, session.task.sizes(), session.trainable_params, session.total_params, session.total_steps,
-            session.global_batch, cfg.batch_size, session.world,
+            session.global_batch, session.per_device, session.world,
         )
         session.train_loop()
         return session.finish()
