@@ -107,3 +107,16 @@ def test_timm_vision_model_trains_with_capaboost_lora(tmp_path):
     assert set(metrics["test"]) == {"accuracy"}
     assert metrics["delta_ranks"] and set(metrics["delta_ranks"].values()) == {16}  # fused qkv, d*r = 16
     assert metrics["trainable_params"] < metrics["total_params"] / 10
+
+
+@pytest.mark.parametrize("method", ["capaboost-lora", "capaboost-padapter"])
+def test_mask_options_reach_every_capaboost_config(setup, method):
+    bert, _, _ = setup
+    cfg = RunConfig(task="sst2", method=method, data_dir=".", model=bert, d=3, density=0.5, mask_mode="same",
+                    mask_pattern="2:4", mask_seed=7).resolved()
+    config = apply_method(cfg, build_base_model("seq_cls", bert, 2), MethodContext("SEQ_CLS", (), 4)).peft_config
+    config = config["default"]
+    assert (config.num_copies, config.mask_mode, config.mask_pattern, config.mask_seed) == (3, "same", "2:4", 7)
+    plain = RunConfig(task="sst2", method="padapter", data_dir=".", model=bert, mask_pattern="2:4").resolved()
+    config = apply_method(plain, build_base_model("seq_cls", bert, 2), MethodContext("SEQ_CLS", (), 4)).peft_config
+    assert (config["default"].num_copies, config["default"].mask_density) == (1, 1.0)

@@ -60,6 +60,7 @@ HELP = {
     "density": "CapaBoost: mask density s of each copy",
     "mask_seed": "CapaBoost: mask seed (default: --seed)",
     "mask_pattern": "CapaBoost: 'random' or 'N:M' (e.g. 2:4)",
+    "mask_mode": "CapaBoost: 'diff' (distinct masks), 'same' (one mask for all copies), 'dropout' (ablations)",
     "r": "rank (LoRA-style methods; per copy for CapaBoost; VeRA/RandLoRA: their projection size); "
     "under torchrun spell it --lora-r or --rank",
     "alpha": "LoRA-style scaling numerator (default 2r)",

@@ -59,11 +59,16 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     return ()
 
 
-def _masks(cfg: RunConfig, copies: Optional[int] = None, density: Optional[float] = None) -> dict[str, Any]:
+def _masks(cfg: RunConfig, plain: bool = False) -> dict[str, Any]:
+    """Mask fields of a CapaBoost config; ``plain``: d=1, s=1, the unmasked base method."""
+    if plain:
+        return {"num_copies": 1, "mask_density": 1.0, "mask_seed": cfg.mask_seed}
     return {
-        "num_copies": cfg.d if copies is None else copies,
-        "mask_density": cfg.density if density is None else density,
+        "num_copies": cfg.d,
+        "mask_density": cfg.density,
         "mask_seed": cfg.mask_seed,
+        "mask_pattern": cfg.mask_pattern,
+        "mask_mode": cfg.mask_mode,
     }
 
 
@@ -80,7 +85,7 @@ def _capaboost_lora(cfg: RunConfig, ctx: MethodContext) -> Any:
 
     r = _rank(cfg, 8)
     return CapaBoostLoraConfig(
-        r=r, lora_alpha=_alpha(cfg, r), lora_dropout=cfg.dropout, mask_pattern=cfg.mask_pattern,
+        r=r, lora_alpha=_alpha(cfg, r), lora_dropout=cfg.dropout,
         **_masks(cfg), **_common(cfg, ctx),
     )
 
@@ -181,7 +186,7 @@ def _capaboost_prefix(cfg: RunConfig, ctx: MethodContext) -> Any:
 def _adapter(style: str, masked: bool) -> Callable[[RunConfig, MethodContext], Any]:
     def build(cfg: RunConfig, ctx: MethodContext) -> Any:
         config_cls = _import("adapter", "CapaBoostAdapterConfig", cfg.method)
-        masks = _masks(cfg) if masked else _masks(cfg, copies=1, density=1.0)  # plain adapter: d=1, s=1
+        masks = _masks(cfg, plain=not masked)
         if cfg.target_modules:
             raise ConfigError(
                 f"method {cfg.method!r} places adapters by architecture (PAdapter after the FFN); to move them pass "

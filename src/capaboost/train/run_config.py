@@ -78,6 +78,7 @@ class RunConfig:
     density: float = 0.5
     mask_seed: Optional[int] = None
     mask_pattern: str = "random"
+    mask_mode: str = "diff"
     r: Optional[int] = None
     alpha: Optional[float] = None
     dropout: float = 0.0
