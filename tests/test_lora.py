@@ -408,6 +408,13 @@ def test_target_not_found_and_unsupported_layer():
         get_peft_model(tiny_bert(), cb_config(target_modules=["word_embeddings"]))
 
 
+def test_unmatched_mask_pattern_is_an_error():
+    with pytest.raises(ValueError, match=r"copies_pattern keys \['valu'\] match no adapted module"):
+        get_peft_model(tiny_bert(), cb_config(copies_pattern={"valu": 3}))
+    with pytest.raises(ValueError, match="density_pattern keys"):
+        get_peft_model(tiny_bert(), cb_config(density_pattern={"key": 0.3}))
+
+
 def test_nm_masks_and_input_dim_error():
     model = get_peft_model(tiny_bert(), cb_config(mask_pattern="2:4", mask_density=0.5))
     randomize(model)

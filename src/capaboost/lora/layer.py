@@ -125,8 +125,14 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         return True
 
 
-class Linear(nn.Module, CapaBoostLoraLayer):
-    """CapaBoost-LoRA around ``nn.Linear`` or transformers' ``Conv1D``."""
+def mixed_batch_error() -> NotImplementedError:
+    return NotImplementedError(
+        "CapaBoost does not support mixed-adapter batches (adapter_names=...); call set_adapter() per batch instead."
+    )
+
+
+class _Wrapper(nn.Module, CapaBoostLoraLayer):
+    """Construction and forward skeleton shared by the wrapped layer types; each adds its own ΔW x."""
 
     def __init__(
         self,
@@ -145,44 +151,49 @@ class Linear(nn.Module, CapaBoostLoraLayer):
         CapaBoostLoraLayer.__init__(self, base_layer, capaboost_name, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
+        self._check_base_layer()
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights)
+
+    def _check_base_layer(self) -> None:
+        """Refuse a base layer whose computation the adapter path could not mirror."""
+
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError(
-                "CapaBoost-LoRA does not support mixed-adapter batches (adapter_names=...); "
-                "call set_adapter() per batch instead."
-            )
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            raise mixed_batch_error()
+        if self.disable_adapters and self.merged:
+            self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.disable_adapters or self.merged:
             return result
-        result_dtype = result.dtype
         for adapter in self.active_adapters:
-            if adapter not in self.cblora_A:
-                continue
-            a_cat, b_cat = self.cat_factors(adapter)
-            h = F.linear(self.lora_dropout[adapter](self._cast_input_dtype(x, a_cat.dtype)), a_cat)
-            if result.dtype == h.dtype:  # one fused GEMM: result + scaling * h @ B_cat^T
-                flat = torch.addmm(
-                    result.reshape(-1, result.shape[-1]),
-                    h.reshape(-1, h.shape[-1]),
-                    b_cat.t(),
-                    alpha=self.scaling[adapter],
-                )
-                result = flat.view(result.shape)
-            else:
-                result = result + F.linear(h, b_cat).to(result.dtype) * self.scaling[adapter]
-        return result.to(result_dtype)
+            if adapter in self.cblora_A:
+                x_in = self.lora_dropout[adapter](self._cast_input_dtype(x, self.cblora_A[adapter].dtype))
+                result = self._add_delta(result, x_in, adapter)
+        return result
 
     def __repr__(self) -> str:
         return "capaboost." + super().__repr__()
 
 
-class Conv2d(nn.Module, CapaBoostLoraLayer):
+class Linear(_Wrapper):
+    """CapaBoost-LoRA around ``nn.Linear`` or transformers' ``Conv1D``."""
+
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        a_cat, b_cat = self.cat_factors(adapter)
+        h = F.linear(x, a_cat)  # all d copies: d*r features at once
+        if result.dtype != h.dtype:
+            return result + (F.linear(h, b_cat) * self.scaling[adapter]).to(result.dtype)
+        # one fused GEMM: result + scaling * h @ B_cat^T
+        flat = torch.addmm(
+            result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b_cat.t(), alpha=self.scaling[adapter]
+        )
+        return flat.view(result.shape)
+
+
+class Conv2d(_Wrapper):
     """CapaBoost-LoRA around ``nn.Conv2d``, as PEFT's LoRA: A is a conv with the base kernel, B a 1x1 conv.
 
     A is masked as an (r, in_channels*kh*kw) matrix (N:M groups run along that flattened input), B as
@@ -190,42 +201,26 @@ class Conv2d(nn.Module, CapaBoostLoraLayer):
     B_cat @ A_cat reshaped to the kernel is ΔW exactly, so merging is exact.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        capaboost_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float,
-        spec: MaskSpec,
-        init_lora_weights: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        CapaBoostLoraLayer.__init__(self, base_layer, capaboost_name, **kwargs)
-        conv = self.get_base_layer()
+    def _check_base_layer(self) -> None:
+        conv, name = self.get_base_layer(), self.capaboost_name
         if conv.groups != 1:
             raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {capaboost_name!r}: it is a grouped/depthwise Conv2d (groups="
+                f"CapaBoost-LoRA cannot adapt {name!r}: it is a grouped/depthwise Conv2d (groups="
                 f"{conv.groups}), whose ΔW is not one low-rank matrix. Target only convs with groups=1 (e.g. "
                 "pointwise 1x1 convs), or exclude it with exclude_modules."
             )
         pointwise = tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
         if type(conv).forward is not nn.Conv2d.forward and not pointwise:
             raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {capaboost_name!r}: {type(conv).__name__} overrides Conv2d.forward "
+                f"CapaBoost-LoRA cannot adapt {name!r}: {type(conv).__name__} overrides Conv2d.forward "
                 "(e.g. timm's Conv2dSame pads dynamically), so the adapter conv could not reproduce its padding. "
                 "Only its 1x1/stride-1 convs can be targeted; exclude it with exclude_modules."
             )
         if conv.padding_mode != "zeros":
             raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {capaboost_name!r}: Conv2d padding_mode={conv.padding_mode!r} is not "
+                f"CapaBoost-LoRA cannot adapt {name!r}: Conv2d padding_mode={conv.padding_mode!r} is not "
                 "supported (only 'zeros'); exclude it with exclude_modules."
             )
-        self.fan_in_fan_out = False
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights)
 
     @property
     def factor_in_features(self) -> int:
@@ -245,32 +240,12 @@ class Conv2d(nn.Module, CapaBoostLoraLayer):
         a_cat, b_cat = super().lora_weights(adapter)
         return a_cat.reshape(a_cat.shape[0], *conv.weight.shape[1:]), b_cat[:, :, None, None]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError(
-                "CapaBoost-LoRA does not support mixed-adapter batches (adapter_names=...); "
-                "call set_adapter() per batch instead."
-            )
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         conv = self.get_base_layer()
-        for adapter in self.active_adapters:
-            if adapter not in self.cblora_A:
-                continue
-            a_cat, b_cat = self.cat_factors(adapter)
-            kernel = a_cat.reshape(a_cat.shape[0], conv.in_channels, *conv.kernel_size)
-            x_in = self.lora_dropout[adapter](self._cast_input_dtype(x, a_cat.dtype))
-            h = F.conv2d(x_in, kernel, None, conv.stride, conv.padding, conv.dilation)  # d*r channels at once
-            result = result + (F.conv2d(h, b_cat[:, :, None, None]) * self.scaling[adapter]).to(result.dtype)
-        return result
-
-    def __repr__(self) -> str:
-        return "capaboost." + super().__repr__()
+        a_cat, b_cat = self.cat_factors(adapter)
+        kernel = a_cat.reshape(a_cat.shape[0], conv.in_channels, *conv.kernel_size)
+        h = F.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)  # d*r channels at once
+        return result + (F.conv2d(h, b_cat[:, :, None, None]) * self.scaling[adapter]).to(result.dtype)
 
 
 def create_module(

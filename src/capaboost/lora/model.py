@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,7 +12,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ..masks import fingerprint
 from .config import CapaBoostLoraConfig
-from .layer import CapaBoostLoraLayer, create_module
+from .layer import CapaBoostLoraLayer, create_module, mixed_batch_error
 
 # Wrapper components that must not leak into mask keys (FSDP, activation checkpointing, torch.compile).
 _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
@@ -29,10 +30,23 @@ class MaskCheckMixin:
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError(
-                "CapaBoost does not support mixed-adapter batches (adapter_names=...); call set_adapter() per batch."
-            )
+            raise mixed_batch_error()
         yield
+
+    def _post_injection_hook(self, model: torch.nn.Module, config: Any, adapter_name: str) -> None:
+        """A copies/density pattern that matches no adapted module is a typo: its masks would silently differ."""
+        for field in ("copies_pattern", "density_pattern"):
+            unmatched = [
+                key
+                for key in getattr(config, field, None) or {}
+                if not any(re.match(rf"(.*\.)?({key})$", name) for name in self.targeted_module_names)
+            ]
+            if unmatched:
+                raise ValueError(
+                    f"{field} keys {unmatched} match no adapted module; adapted modules are e.g. "
+                    f"{self.targeted_module_names[:5]}. Fix the keys (regexes matched against the end of module names)."
+                )
+        super()._post_injection_hook(model, config, adapter_name)
 
     @staticmethod
     def adapter_fingerprint(model: torch.nn.Module, adapter_name: str) -> str:
