@@ -13,8 +13,6 @@ import copy
 import importlib.metadata
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,21 +93,6 @@ def saved_activation_bytes(model, opt, inputs) -> int:
 def trainable_state_bytes(model) -> int:
     """Trainable params + grads + two AdamW moments."""
     return 4 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def peak_rss_mb(name: str, bs: int, seq: int) -> float:
-    """Peak RSS growth over 2 training steps in a fresh process (Linux: VmHWM reset via clear_refs)."""
-    code = (
-        "import sys; sys.path.insert(0, %r); sys.path.insert(0, %r);"
-        "import bench_lora as b; import torch; torch.set_num_threads(2);"
-        "m, o = b.build(%r); x = b.batch(%d, %d); b.step(m, o, x);"
-        "kb = lambda k: int([l for l in open('/proc/self/status') if l.startswith(k)][0].split()[1]);"
-        "open('/proc/self/clear_refs', 'w').write('5'); r0 = kb('VmRSS');"
-        "[b.step(m, o, x) for _ in range(2)];"
-        "print((kb('VmHWM') - r0) / 1024)"
-    ) % (str(ROOT / "src"), str(ROOT / "benchmarks"), name, bs, seq)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def timed_rounds(models: dict, inputs: dict, rounds: int, steps: int) -> dict[str, list[float]]:
@@ -197,7 +180,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--out", default=None, help="markdown file to write the table to")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,7 +189,6 @@ def main() -> None:
     times = timed_rounds(models, inputs, args.rounds, args.steps)
     med = {n: statistics.median(v) for n, v in times.items()}
     act = {n: saved_activation_bytes(*models[n], inputs) + trainable_state_bytes(models[n][0]) for n in METHODS}
-    rss = {} if args.skip_rss else {n: peak_rss_mb(n, args.batch_size, args.seq_len) for n in METHODS}
     ckpt = {n: checkpoint_bytes(models[n][0]) for n in ("capaboost d=2 r=8", "lora r=8")}
     trainable = {n: models[n][0].get_nb_trainable_parameters()[0] for n in METHODS}
     merged_ratio, same_arch = merged_inference_ratio(models["capaboost d=2 r=8"][0], inputs, args.rounds)
@@ -220,13 +201,13 @@ def main() -> None:
         f"{args.rounds} interleaved rounds (rotated order) x {args.steps} steps, median; torch {torch.__version__}.",
         "",
         "| method | trainable params | step s (median) | step vs LoRA r=16 | step vs LoRA r=8 | "
-        "saved activations + trainable state MB | vs LoRA r=16 | peak RSS growth MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "saved activations + trainable state MB | vs LoRA r=16 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for n in METHODS:
         lines.append(
             f"| {n} | {trainable[n]:,} | {med[n]:.3f} | {med[n] / med[l16]:.3f} | {med[n] / med[l8]:.3f} | "
-            f"{act[n] / 2**20:.1f} | {act[n] / act[l16]:.3f} | {rss.get(n, float('nan')):.0f} |"
+            f"{act[n] / 2**20:.1f} | {act[n] / act[l16]:.3f} |"
         )
     lines += [
         "",

@@ -26,14 +26,6 @@ from capaboost.train.causal_lm import evaluate_causal_lm, exact_match, greedy_ge
 WORDS = "what is one two three four five plus equals the capital of france paris yes no a b c d".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 shared cores: tiny models run far faster on one thread than on contended two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}

@@ -14,13 +14,6 @@ from test_causal_lm_data import WORDS, tiny_tokenizer
 from test_distributed import _torchrun
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
