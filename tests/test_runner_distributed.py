@@ -46,13 +46,6 @@ if __name__ == "__main__":  # torchrun entry point (see the module docstring)
 from test_distributed import _torchrun  # noqa: E402  (not needed by the entry point above)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

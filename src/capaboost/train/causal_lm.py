@@ -24,8 +24,7 @@ from capaboost.data.causal_lm import (
 )
 from capaboost.distributed import all_reduce_sum, rank_and_world
 
-from .models import load_tokenizer
-from .task_base import Task, cached, tokenizer_fingerprint
+from .task_base import Task
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -140,7 +139,6 @@ class CausalLMTask(Task):
 
     def load(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model)
 
         def build() -> dict[str, Any]:
             data = load_causal_lm(cfg.data_dir, cfg.protocol, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples)
@@ -149,10 +147,7 @@ class CausalLMTask(Task):
             return {"metric_names": list(data.metric_names), "main_metric": data.main_metric, "train": encode(data.train),
                     "eval_splits": {"validation": encode(data.validation), "test": encode(data.test)}}
 
-        key = {"task": cfg.task, "data_dir": cfg.data_dir, "tokenizer": tokenizer_fingerprint(self.tokenizer),
-               "max_seq_len": cfg.max_seq_len, "protocol": cfg.protocol, "seed": cfg.seed,
-               "samples": [cfg.max_train_samples, cfg.max_eval_samples]}
-        self.__dict__.update(cached(cfg, key, build))
+        self.load_cached(build)
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return CausalLMCollator(pad_token_id(self.tokenizer))(features)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import atomic_write_bytes
-from .models import build_base_model
+from .models import build_base_model, load_tokenizer
 from .run_config import RunConfig
 
 CACHE_VERSION = 1
@@ -56,6 +56,22 @@ class Task:
         raise NotImplementedError
 
     # --- shared defaults
+    def load_cached(self, build: Callable[[], dict[str, Any]], **key_extra: Any) -> None:
+        """Load the tokenizer, then the task's tokenized data from the cache (``build`` runs once per key)."""
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        key = {
+            "task": cfg.task,
+            "data_dir": cfg.data_dir,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "max_seq_len": cfg.max_seq_len,
+            "protocol": cfg.protocol,
+            "seed": cfg.seed,
+            "samples": [cfg.max_train_samples, cfg.max_eval_samples],
+            **key_extra,
+        }
+        self.__dict__.update(cached(cfg, key, build))
+
     def build_model(self) -> nn.Module:
         return build_base_model(self.model_kind, self.cfg.model, self.num_labels, self.is_regression)
 

@@ -9,8 +9,7 @@ import numpy as np
 from ..data import load_task
 from ..data.squad import postprocess_predictions, prepare_eval_features, prepare_train_features, references
 from .metrics import compute_metrics
-from .models import load_tokenizer
-from .task_base import Task, cached, tokenizer_fingerprint
+from .task_base import Task
 
 _BOOKKEEPING = ("example_id", "offset_mapping", "cls_index")
 
@@ -36,19 +35,7 @@ class QuestionAnsweringTask(Task):
         return self.cfg.doc_stride or max(1, self.cfg.max_seq_len // 4)
 
     def load(self) -> None:
-        cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model)
-        key: dict[str, Any] = {
-            "task": cfg.task,
-            "data_dir": cfg.data_dir,
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "max_seq_len": cfg.max_seq_len,
-            "doc_stride": self.doc_stride,
-            "protocol": cfg.protocol,
-            "seed": cfg.seed,
-            "samples": [cfg.max_train_samples, cfg.max_eval_samples],
-        }
-        self.__dict__.update(cached(cfg, key, self._read_and_encode))
+        self.load_cached(self._read_and_encode, doc_stride=self.doc_stride)
 
     def _read_and_encode(self) -> dict[str, Any]:
         cfg = self.cfg

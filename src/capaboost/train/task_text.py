@@ -10,8 +10,7 @@ from ..data import TaskData, load_rotten_tomatoes, load_task
 from ..data.base import Example
 from ..data.text import rotten_tomatoes_path
 from .metrics import compute_metrics
-from .models import load_tokenizer
-from .task_base import Task, cached, files_fingerprint, tokenizer_fingerprint
+from .task_base import Task, files_fingerprint
 
 
 class TextClassificationTask(Task):
@@ -49,19 +48,7 @@ class TextClassificationTask(Task):
         ]
 
     def load(self) -> None:
-        cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model)
-        key: dict[str, Any] = {
-            "task": cfg.task,
-            "data_dir": cfg.data_dir,
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "max_seq_len": cfg.max_seq_len,
-            "protocol": cfg.protocol,
-            "seed": cfg.seed,
-            "samples": [cfg.max_train_samples, cfg.max_eval_samples],
-            "reader": self.reader_options(),
-        }
-        self.__dict__.update(cached(cfg, key, self._read_and_encode))
+        self.load_cached(self._read_and_encode, reader=self.reader_options())
 
     def reader_options(self) -> dict[str, Any]:
         return dict(self.cfg.reader_kwargs)
