@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from .masks import fingerprint
+from .tuner import masks_fingerprint
 
 CHECKPOINT_FORMAT = 1
 
@@ -97,16 +97,6 @@ def shard_batch(batch: Mapping[str, torch.Tensor], rank: Optional[int] = None,
         raise ValueError(f"batch tensors disagree on the batch dimension: {sizes}.")
     n = per_rank_batch_size(next(iter(sizes.values())), w)
     return {k: v[r * n:(r + 1) * n] if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def masks_fingerprint(model: torch.nn.Module) -> str:
-    """Digest of every mask of every adapter in ``model`` (keyed by adapter and base-model module name)."""
-    digests = {
-        f"{adapter}/{module.capaboost_name}": pair.digest
-        for module in model.modules()
-        for adapter, pair in getattr(module, "capaboost_pairs", {}).items()
-    }
-    return fingerprint(digests)
 
 
 def collective_device(group: Optional[Any] = None) -> torch.device:

@@ -8,7 +8,7 @@ import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 
-from ..lora.model import MaskCheckMixin, base_module_name
+from ..tuner import MaskCheckMixin, base_module_name
 from .config import CapaBoostAdapterConfig
 from .layer import CapaBoostAdapterLayer, _merge_error
 from .placement import Placement, resolve_placement

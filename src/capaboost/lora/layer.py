@@ -14,6 +14,7 @@ from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
 from ..masks import MaskedPair, MaskSpec, warn_dense_copies
+from ..tuner import mixed_batch_error
 
 
 class CapaBoostLoraLayer(BaseTunerLayer):
@@ -123,12 +124,6 @@ class CapaBoostLoraLayer(BaseTunerLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
-
-
-def mixed_batch_error() -> NotImplementedError:
-    return NotImplementedError(
-        "CapaBoost does not support mixed-adapter batches (adapter_names=...); call set_adapter() per batch instead."
-    )
 
 
 class _Wrapper(nn.Module, CapaBoostLoraLayer):

@@ -1,0 +1,80 @@
+"""What every CapaBoost tuner shares, whatever the method: mask keys, fingerprints, refusals."""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+
+from .masks import fingerprint
+
+# Wrapper components that must not leak into mask keys (FSDP, activation checkpointing, torch.compile).
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def mixed_batch_error() -> NotImplementedError:
+    return NotImplementedError(
+        "CapaBoost does not support mixed-adapter batches (adapter_names=...); call set_adapter() per batch instead."
+    )
+
+
+def masks_fingerprint(model: torch.nn.Module, adapter_name: Optional[str] = None) -> str:
+    """Digest of the masks of one adapter (keyed by module name), or of every adapter when None."""
+    digests = {
+        (module.capaboost_name if adapter_name is not None else f"{name}/{module.capaboost_name}"): pair.digest
+        for module in model.modules()
+        for name, pair in getattr(module, "capaboost_pairs", {}).items()
+        if adapter_name is None or name == adapter_name
+    }
+    return fingerprint(digests)
+
+
+def base_module_name(key: str) -> str:
+    """A module's name relative to the unwrapped base model: the key its masks are drawn from."""
+    return ".".join(part for part in key.split(".") if part not in _WRAPPER_PARTS)
+
+
+class MaskCheckMixin:
+    """Hooks shared by CapaBoost tuners: record the masks' fingerprint on save, refuse a mismatch on load,
+    and refuse PEFT's mixed-adapter batches (which PEFT would otherwise silently ignore for us)."""
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        if kwargs.get("adapter_names") is not None:
+            raise mixed_batch_error()
+        yield
+
+    def _post_injection_hook(self, model: torch.nn.Module, config: Any, adapter_name: str) -> None:
+        """A copies/density pattern that matches no adapted module is a typo: its masks would silently differ."""
+        for field in ("copies_pattern", "density_pattern"):
+            unmatched = [
+                key
+                for key in getattr(config, field, None) or {}
+                if not any(re.match(rf"(.*\.)?({key})$", name) for name in self.targeted_module_names)
+            ]
+            if unmatched:
+                raise ValueError(
+                    f"{field} keys {unmatched} match no adapted module; adapted modules are e.g. "
+                    f"{self.targeted_module_names[:5]}. Fix the keys (regexes matched against the end of module names)."
+                )
+        super()._post_injection_hook(model, config, adapter_name)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        config.mask_fingerprint = masks_fingerprint(model, adapter_name)  # saved with the config
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        expected = getattr(config, "mask_fingerprint", None)
+        actual = masks_fingerprint(model, adapter_name)
+        if expected is not None and expected != actual:
+            raise ValueError(
+                f"The masks regenerated for adapter {adapter_name!r} (fingerprint {actual}) differ from those it was "
+                f"trained with ({expected}): adapter_config.json was edited (seed, density, copies, pattern, mode or "
+                "targets) or the base model differs. Restore the original adapter_config.json; loading would give "
+                "wrong outputs."
+            )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
