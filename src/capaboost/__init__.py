@@ -4,6 +4,7 @@
 ``PeftModel.from_pretrained``, ``merge_and_unload`` and the HF ``Trainer`` work unchanged.
 """
 
+from . import compat
 from .accounting import delta_ranks, parameter_counts
 from .adapter import CapaBoostAdapterConfig, CapaBoostAdapterModel
 from .export import export_as_lora, export_as_prefix
@@ -12,6 +13,8 @@ from .masks import GENERATOR_VERSION, MaskSpec
 from .prefix import CapaBoostPrefixConfig
 
 __version__ = "0.1.0"
+
+compat.install()
 
 __all__ = [
     "GENERATOR_VERSION",
