@@ -95,7 +95,7 @@ def test_config_bad_input(kwargs, match):
 
 
 def test_dora_not_implemented():
-    with pytest.raises(NotImplementedError, match="DoRA"):
+    with pytest.raises(ValueError, match="DoRA"):
         cb_config(use_dora=True)
 
 

@@ -12,6 +12,20 @@ from .lora.config import CapaBoostLoraConfig
 from .lora.layer import CapaBoostLoraLayer
 
 
+def _training_flags(model: torch.nn.Module) -> dict[str, bool]:
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def _restore_training_flags(model: torch.nn.Module, flags: dict[str, bool]) -> None:
+    """Give every module its recorded train/eval flag: ``model.train(x)`` would impose one flag on all, e.g.
+    the PeftModel wrapper's (True by default, even around a base model in eval mode) and turn dropout on.
+    Modules the conversion created (lora_A, a new embedding) take their parent's flag."""
+    for name, module in model.named_modules():  # parents come before their children
+        if name not in flags:
+            flags[name] = flags[name.rpartition(".")[0]]
+        module.training = flags[name]
+
+
 def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel:
     """A plain PEFT LoRA of rank d*r (per module) with the same outputs, for stock PEFT and LoRA tooling.
 
@@ -29,6 +43,7 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
     if any(getattr(m, "merged", False) for m in model.modules() if isinstance(m, CapaBoostLoraLayer)):
         raise ValueError("export_as_lora needs an unmerged model: call model.unmerge_adapter() first.")
 
+    flags = _training_flags(model)
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     lora_state = {k: v for k, v in state.items() if ".cblora_" not in k}
     ranks, alphas = {}, {}
@@ -60,13 +75,15 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
         revision=config.revision,
         inference_mode=config.inference_mode,
     )
-    was_training = model.training
     base = model.unload()
     lora_model = get_peft_model(base, lora_config, adapter_name=adapter_name)
     result = set_peft_model_state_dict(lora_model, lora_state, adapter_name=adapter_name)
-    if result.unexpected_keys:
-        raise RuntimeError(f"export_as_lora produced keys LoRA does not accept: {result.unexpected_keys[:5]}")
-    lora_model.train(was_training)
+    # bias="all" also collects a modules_to_save copy's bias under a stray name that PEFT's own LoRA does not
+    # load either (the copy's bias travels under its plain name): not an export error.
+    unexpected = [k for k in result.unexpected_keys if not (config.bias == "all" and ".modules_to_save.bias" in k)]
+    if unexpected:
+        raise RuntimeError(f"export_as_lora produced keys LoRA does not accept: {unexpected[:5]}")
+    _restore_training_flags(lora_model, flags)
     return lora_model
 
 
@@ -90,8 +107,8 @@ def export_as_prefix(model: PeftModel, adapter_name: str = "default") -> PeftMod
             f"export_as_prefix needs a CapaBoost prefix adapter; adapter {adapter_name!r} is "
             f"{type(config).__name__ if config is not None else 'missing'} (adapters: {list(model.peft_config)})."
         )
+    flags = _training_flags(model)
     encoder = model.prompt_encoder[adapter_name]
-    was_training = encoder.training
     encoder.eval()
     with torch.no_grad():
         table = encoder.table().detach().clone()
@@ -117,5 +134,5 @@ def export_as_prefix(model: PeftModel, adapter_name: str = "default") -> PeftMod
     prefix_model = get_peft_model(base, prefix_config, adapter_name=adapter_name)
     with torch.no_grad():
         prefix_model.prompt_encoder[adapter_name].embedding.weight.copy_(table)
-    prefix_model.train(was_training)
+    _restore_training_flags(prefix_model, flags)
     return prefix_model

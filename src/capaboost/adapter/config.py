@@ -57,11 +57,22 @@ class CapaBoostAdapterConfig(MaskedParallelConfig, PeftConfig):
             )
         if self.adapter_scaling is None:
             self.adapter_scaling = 4.0 if self.style == "parallel" else 1.0
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(
+                f"init_weights must be True (up-projection and biases 0: the model starts as the base model) or "
+                f"False (random), got {self.init_weights!r}."
+            )
         if self.adapter_placement is not None:
-            Placement.from_dict(self.adapter_placement, self.style)  # validates
+            derived = Placement.from_dict(self.adapter_placement, self.style).target_regex(self.style)  # validates
+            if self.target_modules is not None and self.target_modules != derived:  # it would be overwritten
+                raise ValueError(
+                    f"target_modules={self.target_modules!r} would be replaced by the sites of adapter_placement "
+                    f"({derived!r}); choose the modules through adapter_placement and leave target_modules unset."
+                )
         elif self.target_modules is not None:
             raise ValueError(
-                "CapaBoostAdapterConfig derives target_modules from the placement; to choose the modules, pass "
+                f"target_modules={self.target_modules!r} is not used: CapaBoostAdapterConfig derives target_modules "
+                "from the placement; to choose the modules, pass "
                 "adapter_placement={'layers': ..., 'attn': ..., 'ffn': ..., 'ffn_in': ...} instead."
             )
         self._validate_masks()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils.other import get_pattern_key
@@ -12,6 +12,37 @@ from ..config import MaskedParallelConfig
 from ..registry import peft_type
 
 CAPABOOST_LORA = peft_type("CAPABOOST_LORA")
+
+_LORA_VARIANT = "is a PEFT LoRA variant that masked copies do not implement; use peft.LoraConfig for it"
+# PEFT LoraConfig options that CapaBoost-LoRA does not implement, with the way out. They are declared (at
+# PEFT's defaults) so that setting one, in code or in an adapter_config.json, fails here by name instead of
+# a bare TypeError or PEFT's silent drop of unknown keys on load. They are never written to adapter_config.json.
+LORA_ONLY_OPTIONS: dict[str, str] = {
+    "use_rslora": "the scaling is lora_alpha / r; for rsLoRA's lora_alpha / sqrt(r) pass lora_alpha * sqrt(r) "
+    "as lora_alpha (and in alpha_pattern for the modules of rank_pattern)",
+    "megatron_config": "Megatron parallel layers are not supported; adapt a model built from torch.nn.Linear",
+    "megatron_core": "Megatron parallel layers are not supported; adapt a model built from torch.nn.Linear",
+    "trainable_token_indices": "list the embedding in modules_to_save to train it whole, or use "
+    "peft.LoraConfig(trainable_token_indices=...)",
+    "loftq_config": "LoftQ initialisation is LoRA-only; use peft.LoraConfig(init_lora_weights='loftq', ...)",
+    "eva_config": "EVA initialisation is LoRA-only; use peft.LoraConfig(init_lora_weights='eva', ...)",
+    "corda_config": "CorDA initialisation is LoRA-only; use peft.LoraConfig(init_lora_weights='corda', ...)",
+    "lora_ga_config": "LoRA-GA initialisation is LoRA-only; use peft.LoraConfig(init_lora_weights='lora_ga', ...)",
+    "velora_config": f"VeLoRA {_LORA_VARIANT}",
+    "alora_invocation_tokens": f"activated LoRA (aLoRA) {_LORA_VARIANT}",
+    "use_qalora": f"QALoRA {_LORA_VARIANT}",
+    "qalora_group_size": f"QALoRA {_LORA_VARIANT}",
+    "monteclora_config": f"MonteCLoRA {_LORA_VARIANT}",
+    "layer_replication": "replicate the layers before get_peft_model, or use peft.LoraConfig(layer_replication=...)",
+    "lora_bias": "B has no bias of its own; to train the adapted layers' biases use bias='cblora_only'",
+    "target_parameters": "adapting bare nn.Parameters is LoRA-only; target their modules with target_modules or "
+    "use peft.LoraConfig(target_parameters=...)",
+    "use_bdlora": f"BD-LoRA {_LORA_VARIANT}",
+    "arrow_config": f"Arrow routing {_LORA_VARIANT}",
+    "kasa_config": f"KaSA {_LORA_VARIANT}",
+    "ensure_weight_tying": "adapters are not tied across tied weights; leave tied embeddings out of target_modules "
+    "and modules_to_save, or use peft.LoraConfig(ensure_weight_tying=True)",
+}
 
 
 @dataclass
@@ -33,13 +64,35 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
     bias: Literal["none", "all", "cblora_only"] = field(default="none", metadata={"help": "Which biases to train."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules trained and saved."})
     init_lora_weights: bool = field(
-        default=True, metadata={"help": "True: B = 0 (the wrapped model equals the base). False: random B (tests)."}
+        default=True,
+        metadata={"help": "True: B = 0 (the wrapped model equals the base). False: random B. Nothing else."},
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Module regex -> r."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Module regex -> lora_alpha."})
     use_dora: bool = field(default=False, metadata={"help": "Not supported; must stay False."})
+    # LORA_ONLY_OPTIONS: refused unless left at PEFT's default (see there for what to use instead).
+    use_rslora: bool = False
+    megatron_config: Optional[dict] = None
+    megatron_core: Optional[str] = "megatron.core"
+    trainable_token_indices: Optional[Any] = None
+    loftq_config: Optional[dict] = None
+    eva_config: Optional[Any] = None
+    corda_config: Optional[Any] = None
+    lora_ga_config: Optional[Any] = None
+    velora_config: Optional[Any] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Optional[Any] = None
+    layer_replication: Optional[list] = None
+    lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
+    use_bdlora: Optional[Any] = None
+    arrow_config: Optional[Any] = None
+    kasa_config: Optional[Any] = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,7 +102,20 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
         if self.use_dora:
-            raise NotImplementedError("CapaBoost-LoRA does not support DoRA (use_dora=True); use use_dora=False.")
+            raise ValueError(
+                "CapaBoostLoraConfig does not support use_dora=True (DoRA): use use_dora=False, or peft.LoraConfig "
+                "for DoRA."
+            )
+        for name, advice in LORA_ONLY_OPTIONS.items():
+            value = getattr(self, name)
+            if value not in (None, False, {}, []) and value != self.__dataclass_fields__[name].default:
+                raise ValueError(f"CapaBoostLoraConfig does not support {name}={value!r}: {advice}.")
+        if not isinstance(self.init_lora_weights, bool):
+            raise ValueError(
+                f"CapaBoostLoraConfig does not support init_lora_weights={self.init_lora_weights!r}: use True (B = 0, "
+                "the model starts as the base model) or False (random B). PiSSA, OLoRA, LoftQ, EVA, CorDA, MiCA, "
+                "Gaussian and the other LoRA initialisations are LoRA-only: use peft.LoraConfig(init_lora_weights=...)."
+            )
         for name, value in [("r", self.r), *[(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()]]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
@@ -57,7 +123,24 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "cblora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'cblora_only', got {self.bias!r}.")
+        # as LoraConfig: PEFT ignores the layer filter for a regex target, and needs indices for a pattern
+        for name in ("layers_to_transform", "layers_pattern"):
+            if getattr(self, name) is not None and isinstance(self.target_modules, str):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} does nothing when target_modules is a regex string "
+                    f"({self.target_modules!r}): pass target_modules as a list of names, or put the layers in the "
+                    "regex."
+                )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (the layer indices to adapt); "
+                "set it, or drop layers_pattern."
+            )
         self._validate_masks()
+
+    def to_dict(self) -> dict:
+        """The refused LoRA options always hold their defaults: keep them out of adapter_config.json."""
+        return {k: v for k, v in super().to_dict().items() if k not in LORA_ONLY_OPTIONS}
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Per-module (r, lora_alpha), honouring rank_pattern/alpha_pattern as PEFT's LoRA does."""

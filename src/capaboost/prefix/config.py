@@ -45,6 +45,12 @@ class CapaBoostPrefixConfig(MaskedParallelConfig, PrefixTuningConfig):
                 "CapaBoostPrefixConfig masks the prefix MLP, so prefix_projection must be True; for a flat prefix "
                 "table use peft.PrefixTuningConfig(prefix_projection=False)."
             )
+        for name in ("copies_pattern", "density_pattern"):  # the prefix MLP is one module: nothing to pattern
+            if getattr(self, name):
+                raise ValueError(
+                    f"CapaBoostPrefixConfig does not support {name}={getattr(self, name)!r}: the prefix MLP is a "
+                    "single module; set num_copies and mask_density instead."
+                )
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}.")
         self._validate_masks()
