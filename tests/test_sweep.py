@@ -19,11 +19,11 @@ def test_expand_is_tasks_x_methods_x_grid_x_seeds():
         "methods": ["capaboost-lora", {"method": "lora", "r": 16, "tag": "lora-r16"}],
         "grid": {"density": [0.3, 0.5]}, "seeds": [0, 1, 2],
     })
-    assert len(runs) == 2 * 2 * 2 * 3
+    assert len(runs) == 2 * 3 * 3  # the density grid does not apply to lora: it runs once, not twice
     tags = {r["tag"] for r in runs}
-    assert tags == {"capaboost-lora-density0.3", "capaboost-lora-density0.5", "lora-r16-density0.3", "lora-r16-density0.5"}
-    one = next(r for r in runs if r["tag"] == "lora-r16-density0.5" and r["seed"] == 2 and r["task"] == "sst2")
-    assert one["output_dir"] == "sw/sst2/lora-r16-density0.5/seed2"
+    assert tags == {"capaboost-lora-density0.3", "capaboost-lora-density0.5", "lora-r16"}
+    one = next(r for r in runs if r["tag"] == "lora-r16" and r["seed"] == 2 and r["task"] == "sst2")
+    assert one["output_dir"] == "sw/sst2/lora-r16/seed2"
     assert (one["r"], one["epochs"], one["data_dir"], one["method"]) == (16, 1, "s", "lora")
 
 
@@ -33,6 +33,7 @@ def test_expand_is_tasks_x_methods_x_grid_x_seeds():
     ({"output_dir": "x", "base": {"task": "cola", "learning_rate": 1}}, "unknown run option 'learning_rate'"),
     ({"output_dir": "x", "base": {"method": "lora"}}, "names no task"),
     ({"output_dir": "x", "base": {"task": "cola"}, "grid": {"r": 8}}, "non-empty list"),
+    ({"output_dir": "x", "base": {"task": "cola", "overwrite": True}}, "remove overwrite/resume"),
 ])
 def test_bad_sweep_files_are_refused(spec, message):
     with pytest.raises(ConfigError, match=message):

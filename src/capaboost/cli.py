@@ -31,7 +31,7 @@ HELP = {
     "protocol": "dev: dev set is the test set, final model reported; propetl: held-out validation, best model",
     "max_train_samples": "fixed-seed subsample of the training set",
     "max_eval_samples": "fixed-seed subsample of the validation/test sets",
-    "max_seq_len": "truncate token sequences to this length",
+    "max_seq_len": "truncate token sequences to this length (8 up to the model's maximum)",
     "doc_stride": "SQuAD: overlap between windows of a long context (default max_seq_len/4)",
     "text_column": "--task text: the text column",
     "label_column": "--task text: the label column",
@@ -50,8 +50,8 @@ HELP = {
     "lr": "learning rate (default: the method's)",
     "head_lr": "learning rate of the new task head (default: --lr)",
     "weight_decay": "AdamW weight decay",
-    "warmup_ratio": "fraction of steps with linear warm-up",
-    "max_grad_norm": "gradient clipping (0: off)",
+    "warmup_ratio": "fraction of steps with linear warm-up, in [0, 1]",
+    "max_grad_norm": "gradient clipping norm, >= 0 (0: off)",
     "batch_size": "GLOBAL batch size: examples per optimizer step over all processes; each of the N processes "
     "takes batch_size/N (must divide evenly). Unchanged by the number of processes, so runs and resumed "
     "checkpoints do not depend on it",
@@ -64,7 +64,7 @@ HELP = {
     "r": "rank (LoRA-style methods; per copy for CapaBoost; VeRA/RandLoRA: their projection size); "
     "under torchrun spell it --lora-r or --rank",
     "alpha": "LoRA-style scaling numerator (default 2r)",
-    "dropout": "adapter dropout",
+    "dropout": "LoRA-style methods: dropout, in [0, 1)",
     "bottleneck": "adapters: bottleneck width",
     "num_virtual_tokens": "prefix tuning: number of prefix tokens",
     "prefix_hidden": "prefix tuning: hidden size of the reparameterisation MLP",
@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="convert a CapaBoost-LoRA checkpoint to a plain PEFT LoRA adapter")
     export.add_argument("checkpoint", help="a run's output folder or its adapter/ folder")
     export.add_argument("--to", choices=["lora"], required=True, help="target format")
-    export.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/adapter-lora)")
+    export.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/adapter-lora); never the run "
+                        "folder itself, a folder holding it, or one of its files")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in a non-empty --out")
     return parser
 
 
@@ -189,29 +191,67 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+# A run folder's own entries: `export --out` must never replace one of them (or the folder, or a parent of it).
+RUN_ENTRIES = ("adapter", "adapter.old", "checkpoint", "checkpoint.old", "metrics.json", "train.log", "run.json")
+
+
+def _export_target(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` whose replacement would destroy the run, its adapter or files the user did not export."""
+    from .train.run_config import ConfigError
+
+    run = source.parent if source.name == "adapter" else source  # a run's adapter/ or a bare adapter folder
+    target, run, source = out.resolve(), run.resolve(), source.resolve()
+    inside = target.relative_to(run).parts if target.is_relative_to(run) else None
+    if run.is_relative_to(target) or source.is_relative_to(target) or target.is_relative_to(source) or (
+        inside and inside[0] in RUN_ENTRIES
+    ):
+        raise ConfigError(
+            f"--out {str(out)!r} is or holds the run being exported ({str(run)!r}); writing there would delete it. "
+            "Choose another --out (the default is RUN/adapter-lora)."
+        )
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a folder; choose another --out.")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"--out {str(out)!r} is not empty; pass --overwrite to replace it or choose another --out."
+            )
+        if not (target / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"--out {str(out)!r} holds files but no adapter_config.json: --overwrite only replaces an earlier "
+                "export; choose another --out."
+            )
+
+
 def _export(args: argparse.Namespace) -> int:
     from .export import export_as_lora
-    from .train.checkpoint import atomic_write_dir
+    from .train.checkpoint import RunFileError, atomic_write_dir
     from .train.trained import adapter_dir, load_trained
 
+    source = adapter_dir(args.checkpoint)
+    out = Path(args.out) if args.out else source.parent / "adapter-lora"
+    _export_target(source, out, args.overwrite)  # before the slow load: a bad --out fails at once
     model, info = load_trained(args.checkpoint)
     lora = export_as_lora(model)
-    out = Path(args.out) if args.out else adapter_dir(args.checkpoint).parent / "adapter-lora"
-    atomic_write_dir(out, lambda tmp: lora.save_pretrained(tmp))
+    try:
+        atomic_write_dir(out, lambda tmp: lora.save_pretrained(tmp))
+    except OSError as err:
+        raise RunFileError(f"cannot write --out {str(out)!r} ({err.strerror or err}); choose another --out.") from None
     print(f"wrote a plain PEFT LoRA adapter (rank {lora.peft_config['default'].r}) to {out}")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .train.sweep import run_sweep, write_report
+    from .train.sweep import FINISHED, run_sweep, write_report
 
     runs = run_sweep(args.config, dry_run=args.dry_run)
     if args.dry_run:
         for run in runs:
             print(f"{run['status']:9s} {run['output_dir']}")
         return 0
-    if not args.no_report and runs:
-        print(write_report(Path(runs[0]["sweep_dir"])))
+    current = [run["output_dir"] for run in runs if run["status"] in FINISHED]
+    if not args.no_report and current:  # this sweep's runs only: never stale ones lying in the same folder
+        print(write_report(Path(runs[0]["sweep_dir"]), current))
     return 0
 
 

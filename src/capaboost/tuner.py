@@ -70,7 +70,15 @@ class MaskCheckMixin:
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         expected = getattr(config, "mask_fingerprint", None)
         actual = masks_fingerprint(model, adapter_name)
-        if expected is not None and expected != actual:
+        if expected is None:  # unchecked, an edited seed or mode (d=1, mask_mode="same") loads with wrong outputs
+            raise ValueError(
+                f"adapter_config.json of adapter {adapter_name!r} has no mask_fingerprint, so the masks regenerated "
+                "on load cannot be checked against those it was trained with. Restore the original adapter_config.json "
+                "(save_pretrained() writes the fingerprint), or set config.mask_fingerprint = "
+                "capaboost.tuner.masks_fingerprint(model, adapter_name) when loading a state dict into the model it "
+                "came from."
+            )
+        if expected != actual:
             raise ValueError(
                 f"The masks regenerated for adapter {adapter_name!r} (fingerprint {actual}) differ from those it was "
                 f"trained with ({expected}): adapter_config.json was edited (seed, density, copies, pattern, mode or "

@@ -20,18 +20,41 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 COMPRESSIONS = (".bz2", ".gz")
 
 
+def _open_bytes(path: Path) -> IO[bytes]:
+    if path.suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
 def open_text(path: str | Path) -> IO[str]:
     """Open a UTF-8 text file (a BOM, as in GLUE MRPC, is dropped), decompressing ``.bz2``/``.gz`` by extension."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path)
-    if path.suffix == ".bz2":
-        raw: IO[bytes] = bz2.open(path, "rb")
-    elif path.suffix == ".gz":
-        raw = gzip.open(path, "rb")
-    else:
+    if path.suffix not in COMPRESSIONS:
         return open(path, encoding="utf-8-sig", newline="")
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    return io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", newline="")
+
+
+def utf8_error(path: str | Path, err: UnicodeDecodeError) -> DataError:
+    """The DataError for a file that is not UTF-8, at the line of its first bad byte.
+
+    The decoder reads ahead in blocks, so neither the row being parsed when it fails nor its byte
+    position says where the bad byte is; the file is scanned again, line by line, to find it.
+    """
+    with _open_bytes(Path(path)) as raw:
+        for number, line in enumerate(raw, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                byte = line[bad.start]
+                return DataError(
+                    f"not valid UTF-8: byte 0x{byte:02x} at character {bad.start + 1} ({bad.reason}); "
+                    "re-save the file as UTF-8", path, number,
+                )
+    return DataError(f"not valid UTF-8: {err}", path)
 
 
 def data_format(path: str | Path) -> str:
@@ -58,14 +81,15 @@ def read_tsv(path: str | Path, header: bool = True) -> tuple[list[str] | None, l
 
 def read_csv(path: str | Path, header: bool = True) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
     """Read an RFC-4180 CSV (quoted fields may span lines); line numbers are where a row starts."""
-    return _read_delimited(path, ",", csv.QUOTE_MINIMAL, header)
+    # strict: an unterminated quote is an error at the row that opens it, not a silent merge of the rows after it
+    return _read_delimited(path, ",", csv.QUOTE_MINIMAL, header, strict=True)
 
 
 def _read_delimited(
-    path: str | Path, delimiter: str, quoting: int, header: bool
+    path: str | Path, delimiter: str, quoting: int, header: bool, strict: bool = False
 ) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
     with open_text(path) as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=strict)
         rows: list[tuple[int, list[str]]] = []
         start = 1
         try:
@@ -73,9 +97,11 @@ def _read_delimited(
                 rows.append((start, fields))
                 start = reader.line_num + 1
         except csv.Error as e:
-            raise DataError(f"malformed row: {e}", path, start) from e
+            hint = (" (a quote opened on this line is never closed, or a quote stands inside an unquoted field: "
+                    'quote the whole field and double the quotes inside it, "like ""this""")') if strict else ""
+            raise DataError(f"malformed row: {e}{hint}", path, start) from e
         except UnicodeDecodeError as e:
-            raise DataError(f"not valid UTF-8: {e}", path, start) from e
+            raise utf8_error(path, e) from e
     # Blank lines (e.g. a trailing newline) are not rows.
     rows = [(n, r) for n, r in rows if r and any(x.strip() for x in r)]
     if not rows:
@@ -94,7 +120,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         try:
             lines = list(f)
         except UnicodeDecodeError as e:
-            raise DataError(f"not valid UTF-8: {e}", path) from e
+            raise utf8_error(path, e) from e
     seen = False
     for n, line in enumerate(lines, start=1):
         if not line.strip():

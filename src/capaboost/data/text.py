@@ -4,6 +4,10 @@ Label ids: with no ``label_map`` the distinct labels are sorted (numerically
 if they are all integers, else as strings) and numbered 0..K-1, so integer
 labels 0..K-1 keep their values and string labels get a stable order that
 does not depend on row order. Pass ``label_map`` to fix ids yourself.
+Numeric labels are read by value when every label is a whole number, so a
+``1.0`` written by a spreadsheet or pandas is the class ``1``, not a third
+class; a fractional label among them is an error naming its line (a
+regression target wants ``is_regression``).
 
 Files may be compressed (``.bz2``/``.gz``, by extension). TSV is read with
 ``QUOTE_NONE`` like GLUE; CSV with standard quoting (fields may span lines).
@@ -12,6 +16,7 @@ Files may be compressed (``.bz2``/``.gz``, by extension). TSV is read with
 from __future__ import annotations
 
 import importlib.metadata
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +70,52 @@ def _read_records(
         header, rows = (read_csv if fmt == "csv" else read_tsv)(path, header=True)
         idx = {col: column_index(header or [], col, path) for col in wanted}
         for line, fields in rows:
+            if fmt == "csv" and len(fields) != len(header or []):  # quoting makes a count mismatch a real error
+                msg = (f"row has {len(fields)} fields but the header has {len(header or [])}: a stray comma or quote? "
+                       "quote fields that contain commas")
+                raise DataError(msg, path, line)
             vals = {col: get_field(fields, i, path, line, col) for col, i in idx.items()}
             if vals[label_column].strip() in drop:
                 continue
             pair = vals[text_pair_column] if text_pair_column else None
             out.append(_Record(vals[text_column], pair, vals[label_column].strip(), line, path))
     return out
+
+
+def _whole_number(label: str) -> str | None:
+    """``label`` as a canonical integer string ("1.0" -> "1"), or None when it is not a whole number."""
+    try:
+        value = float(label)
+    except ValueError:
+        return None
+    return str(int(value)) if value.is_integer() else None
+
+
+def _canonical_labels(records: Sequence[_Record]) -> list[_Record]:
+    """Numeric class labels by value: "1.0" and "1" are one class when every label is a whole number.
+
+    Labels that are all numbers but not all whole numbers are refused at the first fractional one:
+    as classes they would silently split a class in two, and a regression target needs is_regression.
+    """
+    numeric = [r for r in records if _is_number(r.label)]
+    if not records or len(numeric) < len(records):
+        return list(records)  # names (or a mixture): compared as strings, as before
+    out = []
+    for r in records:
+        whole = _whole_number(r.label)
+        if whole is None:
+            msg = (f"label {r.label!r} is not a whole number while the labels are numeric class ids; "
+                   "fix the label, or pass is_regression (--is-regression) for a numeric target")
+            raise DataError(msg, r.path, r.line)
+        out.append(_Record(r.text, r.pair, whole, r.line, r.path))
+    return out
+
+
+def _is_number(label: str) -> bool:
+    try:
+        return math.isfinite(float(label))
+    except ValueError:
+        return False
 
 
 def _auto_label_map(records: Sequence[_Record]) -> dict[str, int]:
@@ -123,6 +168,8 @@ def read_text_file(
     records = _read_records(path, text_column, label_column, text_pair_column, drop_labels)
     if not records:
         raise DataError("no rows left after dropping labels", path)
+    if not is_regression and not label_map:
+        records = _canonical_labels(records)
     mapping = None if is_regression else (_check_label_map(label_map) if label_map else _auto_label_map(records))
     return _to_examples(records, mapping, label_column)
 
@@ -213,6 +260,9 @@ def load_text_task(
     files = _resolve_files(data)
     read = lambda p: _read_records(p, text_column, label_column, text_pair_column, drop_labels)  # noqa: E731
     pools = {split: read(p) for split, p in files.items()}
+    if not is_regression and not label_map:  # decided over all files: one label set for every split
+        canonical = iter(_canonical_labels([r for recs in pools.values() for r in recs]))
+        pools = {split: [next(canonical) for _ in recs] for split, recs in pools.items()}
     if deduplicate:
         pools = dict(zip(pools, _deduplicate(list(pools.values()))))
     for split, recs in pools.items():

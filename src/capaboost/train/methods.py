@@ -35,6 +35,15 @@ class Method:
     lr: float  # default learning rate (paper-style values for a MiniLM/BERT-base scale model)
     family: str  # "capaboost", "peft" or "native"
     summary: str
+    # RunConfig options this builder reads beyond the ones every run reads; given to another method they
+    # are refused (run_config.refuse_unused), so a flag never silently does nothing.
+    options: frozenset[str] = frozenset()
+
+
+MASK_OPTIONS = frozenset({"d", "density", "mask_seed", "mask_pattern", "mask_mode"})
+LORA_OPTIONS = frozenset({"r", "alpha", "dropout", "target_modules"})
+ADAPTER_OPTIONS = frozenset({"bottleneck", "adapter_placement"})
+PREFIX_OPTIONS = frozenset({"num_virtual_tokens", "prefix_hidden"})
 
 
 def _common(cfg: RunConfig, ctx: MethodContext, targets: bool = True) -> dict[str, Any]:
@@ -146,6 +155,8 @@ def _gralora(cfg: RunConfig, ctx: MethodContext) -> Any:
     from peft import GraloraConfig
 
     r = _rank(cfg, 8)
+    if cfg.alpha is not None and not float(cfg.alpha).is_integer():
+        raise ConfigError(f"--alpha must be a whole number for gralora (its alpha is an int), got {cfg.alpha!r}.")
     return GraloraConfig(r=r, alpha=int(_alpha(cfg, r)), gralora_dropout=cfg.dropout, **_common(cfg, ctx))
 
 
@@ -205,25 +216,37 @@ def _native(cfg: RunConfig, ctx: MethodContext) -> None:
 
 
 METHODS: dict[str, Method] = {
-    "capaboost-lora": Method(_capaboost_lora, 5e-4, "capaboost", "LoRA, d masked copies of one (A, B)"),
-    "capaboost-padapter": Method(_adapter("pfeiffer", True), 1e-3, "capaboost", "Pfeiffer adapter, d masked copies"),
-    "capaboost-hadapter": Method(_adapter("houlsby", True), 1e-3, "capaboost", "Houlsby adapter, d masked copies"),
-    "capaboost-parallel": Method(_adapter("parallel", True), 1e-3, "capaboost", "parallel adapter, d masked copies"),
-    "capaboost-prefix": Method(_capaboost_prefix, 5e-3, "capaboost", "prefix tuning, masked reparameterisation"),
-    "lora": Method(_lora, 5e-4, "peft", "PEFT LoRA"),
-    "adalora": Method(_adalora, 5e-4, "peft", "PEFT AdaLoRA (rank budget pruned during training)"),
-    "loha": Method(_loha, 5e-4, "peft", "PEFT LoHa (Hadamard product of two low-rank pairs)"),
-    "vera": Method(_vera, 4e-3, "peft", "PEFT VeRA (shared random projections, trained scalings)"),
-    "randlora": Method(_randlora, 1e-3, "peft", "PEFT RandLoRA (full rank from random bases)"),
-    "shira": Method(_shira, 5e-4, "peft", "PEFT SHiRA (sparse high-rank update)"),
-    "hira": Method(_hira, 5e-4, "peft", "PEFT HiRA (Hadamard high-rank update)"),
-    "gralora": Method(_gralora, 5e-4, "peft", "PEFT GraLoRA (granular block LoRA)"),
-    "prefix": Method(_prefix, 5e-3, "peft", "PEFT prefix tuning with a reparameterisation MLP"),
-    "padapter": Method(_adapter("pfeiffer", False), 1e-3, "peft", "plain Pfeiffer adapter (d=1, s=1)"),
-    "hadapter": Method(_adapter("houlsby", False), 1e-3, "peft", "plain Houlsby adapter (d=1, s=1)"),
+    "capaboost-lora": Method(_capaboost_lora, 5e-4, "capaboost", "LoRA, d masked copies of one (A, B)",
+                             LORA_OPTIONS | MASK_OPTIONS),
+    "capaboost-padapter": Method(_adapter("pfeiffer", True), 1e-3, "capaboost", "Pfeiffer adapter, d masked copies",
+                                 ADAPTER_OPTIONS | MASK_OPTIONS),
+    "capaboost-hadapter": Method(_adapter("houlsby", True), 1e-3, "capaboost", "Houlsby adapter, d masked copies",
+                                 ADAPTER_OPTIONS | MASK_OPTIONS),
+    "capaboost-parallel": Method(_adapter("parallel", True), 1e-3, "capaboost", "parallel adapter, d masked copies",
+                                 ADAPTER_OPTIONS | MASK_OPTIONS),
+    "capaboost-prefix": Method(_capaboost_prefix, 5e-3, "capaboost", "prefix tuning, masked reparameterisation",
+                               PREFIX_OPTIONS | MASK_OPTIONS),
+    "lora": Method(_lora, 5e-4, "peft", "PEFT LoRA", LORA_OPTIONS),
+    "adalora": Method(_adalora, 5e-4, "peft", "PEFT AdaLoRA (rank budget pruned during training)", LORA_OPTIONS),
+    "loha": Method(_loha, 5e-4, "peft", "PEFT LoHa (Hadamard product of two low-rank pairs)", LORA_OPTIONS),
+    "vera": Method(_vera, 4e-3, "peft", "PEFT VeRA (shared random projections, trained scalings)",
+                   LORA_OPTIONS - {"alpha"}),
+    "randlora": Method(_randlora, 1e-3, "peft", "PEFT RandLoRA (full rank from random bases)",
+                       LORA_OPTIONS - {"alpha"}),
+    "shira": Method(_shira, 5e-4, "peft", "PEFT SHiRA (sparse high-rank update)", LORA_OPTIONS - {"alpha", "dropout"}),
+    "hira": Method(_hira, 5e-4, "peft", "PEFT HiRA (Hadamard high-rank update)", LORA_OPTIONS - {"alpha"}),
+    "gralora": Method(_gralora, 5e-4, "peft", "PEFT GraLoRA (granular block LoRA)", LORA_OPTIONS),
+    "prefix": Method(_prefix, 5e-3, "peft", "PEFT prefix tuning with a reparameterisation MLP", PREFIX_OPTIONS),
+    "padapter": Method(_adapter("pfeiffer", False), 1e-3, "peft", "plain Pfeiffer adapter (d=1, s=1)", ADAPTER_OPTIONS),
+    "hadapter": Method(_adapter("houlsby", False), 1e-3, "peft", "plain Houlsby adapter (d=1, s=1)", ADAPTER_OPTIONS),
     "bitfit": Method(_native, 1e-3, "native", "biases and head only"),
     "full": Method(_native, 2e-5, "native", "full fine-tuning"),
 }
+
+
+def method_options() -> frozenset[str]:
+    """Every option that only some methods read."""
+    return frozenset().union(*(m.options for m in METHODS.values()))
 
 
 def head_names(task_type: Optional[str], head_modules: tuple[str, ...]) -> tuple[str, ...]:

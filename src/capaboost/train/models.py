@@ -29,6 +29,37 @@ def _check_path(path: str) -> None:
         )
 
 
+def max_sequence_length(path: str) -> Optional[int]:
+    """Longest input the model at ``path`` takes (its position table, or its tokenizer's stated limit if lower).
+
+    Read from the saved JSON files alone, so it costs nothing before training; None when they do not say
+    (timm models, missing files: those fail or pass later on their own).
+    """
+    if path.startswith(TIMM_PREFIX):
+        return None
+    limits = []
+    for name, keys in (("config.json", ("max_position_embeddings", "n_positions")),
+                       ("tokenizer_config.json", ("model_max_length",))):
+        file = Path(path) / name
+        try:
+            data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (OSError, ValueError):
+            continue
+        # 1e30 is transformers' "no limit" placeholder for model_max_length
+        limits += [int(data[k]) for k in keys if isinstance(data.get(k), (int, float)) and 0 < data[k] < 1e9]
+    return min(limits) if limits else None
+
+
+def check_max_seq_len(max_seq_len: int, path: str) -> None:
+    """Refuse a --max-seq-len the model cannot take, before training (it would fail mid-run with an index error)."""
+    limit = max_sequence_length(path)
+    if limit is not None and max_seq_len > limit:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len} exceeds the model's maximum of {limit} tokens ({path}); "
+            f"pass --max-seq-len {limit} or less."
+        )
+
+
 def load_tokenizer(path: str) -> Any:
     """The model's fast tokenizer, with a pad token (GPT-style models have none)."""
     from transformers import AutoTokenizer

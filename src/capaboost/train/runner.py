@@ -4,7 +4,10 @@ Built on ``accelerate.Accelerator`` so the same code runs on one CPU process or 
 ``torchrun``/``accelerate launch``. ``batch_size`` is the GLOBAL batch: each of the N processes takes
 its contiguous ``batch_size / N`` slice of every batch, so one optimizer step sees the same examples
 whatever N is. Only the main process writes files, every file is written atomically, and a failed
-write raises on every process (none waits at a barrier for ever). Randomness is a pure function of
+write raises on every process (none waits at a barrier for ever). The main process holds an exclusive
+lock on the output folder for the whole run, so a second run on the same folder fails at once instead of
+mixing its files in, and ``run.json`` records the options and data files a later ``--resume`` must
+match. Randomness is a pure function of
 the seed: the data order of epoch e comes from (seed, e) alone and the torch RNG is reseeded from
 (seed, step, rank) before each step, which is why a run resumed from a checkpoint reproduces the
 uninterrupted run, also under another number of processes (up to float rounding of the gradient
@@ -20,6 +23,7 @@ import os
 import platform
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,7 +32,20 @@ import torch
 
 from ..data.errors import DataError
 from ..distributed import accelerator_kwargs, per_rank_batch_size, verify_masks_identical
-from .checkpoint import CHECKPOINT_DIR, atomic_write_dir, atomic_write_json, load_checkpoint, resolve_dir, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    atomic_write_dir,
+    atomic_write_json,
+    data_changes,
+    data_fingerprint,
+    file_sha256,
+    folder_lock,
+    load_checkpoint,
+    read_json,
+    remove_stale_temps,
+    resolve_dir,
+    save_checkpoint,
+)
 from .methods import METHODS, MethodContext, adapter_ranks, apply_method, count_parameters, head_names, is_head
 from .run_config import ConfigError, RunConfig
 from .task_base import Task
@@ -36,6 +53,7 @@ from .tasks import TASKS
 from .trained import RUN_INFO
 
 FAIL_ENV = "CAPABOOST_FAIL_AFTER_STEPS"  # test hook: raise SimulatedInterruption after this global step
+RUN_FILE = "run.json"  # the run's identity (resolved options + data fingerprint), checked by --resume
 LOG = logging.getLogger("capaboost.train")
 
 
@@ -75,6 +93,20 @@ def epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[np.n
     steps = math.ceil(n / global_batch)
     order = np.resize(order, steps * global_batch)  # repeats the order's start (several times if n < batch)
     return [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+
+
+def identity_diff(saved: dict[str, Any], cfg: RunConfig, where: str) -> Optional[str]:
+    """The --resume refusal when ``cfg``'s options that change what is trained differ from ``saved``, else None."""
+    mine = json.loads(json.dumps(cfg.identity(), default=str))
+    saved = {k: v for k, v in saved.items() if k not in RunConfig.RUNTIME_ONLY}  # metrics.json's config is full
+    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if not diff:
+        return None
+    return (
+        f"--resume: options {diff} differ from {where} ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); resume "
+        "with the original options, or drop --resume and pass --overwrite to replace the run, or choose another "
+        "--output-dir."
+    )
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -208,21 +240,31 @@ class _Session:
 
     # ---------- setup
     def prepare_output(self) -> Optional[dict]:
+        """Check the folder (held under its lock) against the options; the finished run's metrics for --resume.
+
+        Also removes the temporaries a killed run's atomic writes left, and records the run's identity
+        (``run.json``) when it starts afresh, for a later --resume to compare with.
+        """
         cfg, metrics = self.cfg, self.out / "metrics.json"
         ckpt_dir = resolve_dir(self.out / CHECKPOINT_DIR)
+        if self.main:
+            remove_stale_temps(self.out, ("adapter", CHECKPOINT_DIR, "metrics.json", RUN_FILE))
         if cfg.overwrite and self.main:
-            for path in (metrics, self.out / "adapter", self.out / "train.log"):
+            for name in ("metrics.json", "adapter", "adapter.old", "train.log", RUN_FILE, CHECKPOINT_DIR,
+                         CHECKPOINT_DIR + ".old"):
+                path = self.out / name
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-            if ckpt_dir is not None:
-                shutil.rmtree(ckpt_dir)
             ckpt_dir = None
         self.accelerator.wait_for_everyone()
         if not cfg.overwrite and metrics.exists():
             if cfg.resume:
-                return json.loads(metrics.read_text())
+                fix = "drop --resume and pass --overwrite to train the run again, or choose another --output-dir."
+                finished = read_json(metrics, fix)
+                self.check_same_run(finished.get("config", {}))
+                return finished
             raise RunExistsError(
                 f"{str(self.out)!r} already holds a finished run (metrics.json); pass --overwrite to replace it "
                 "or choose another --output-dir."
@@ -232,7 +274,49 @@ class _Session:
                 f"{str(self.out)!r} holds an unfinished run (checkpoint/); pass --resume to continue it or "
                 "--overwrite to start again."
             )
+        if ckpt_dir is not None:
+            self.check_same_run(None)  # the checkpoint's own options are compared again in setup()
+        else:  # a fresh start: what later resumes must match
+            self.on_main(
+                lambda: atomic_write_json(self.out / RUN_FILE, {
+                    "config": json.loads(json.dumps(cfg.identity(), default=str)),
+                    "data": data_fingerprint(cfg.data_dir, exclude=self.data_exclude()),
+                }),
+                RUN_FILE,
+            )
         return None
+
+    def data_exclude(self) -> tuple[Path, ...]:
+        """Folders that may lie inside --data-dir but are not data: this run's own files and the token cache."""
+        from .task_base import cache_dir
+
+        return (self.out, cache_dir(self.cfg))
+
+    def check_same_run(self, fallback_config: Optional[dict[str, Any]]) -> None:
+        """Refuse --resume with other options or changed data files than the run in the folder was started with.
+
+        Runs from before ``run.json`` existed are checked against ``fallback_config`` (metrics.json's),
+        their data cannot be checked.
+        """
+        cfg, path = self.cfg, self.out / RUN_FILE
+        fix = "drop --resume and pass --overwrite to train the run again, or choose another --output-dir."
+        if path.exists():
+            saved = read_json(path, fix)
+        elif fallback_config:
+            saved = {"config": fallback_config}
+        else:  # a checkpoint from before run.json: setup() compares its options, its data is unknown
+            return
+        problem = identity_diff(saved.get("config", {}), cfg, f"those of the run in {str(self.out)!r}")
+        if problem:
+            raise ConfigError(problem)
+        if "data" in saved:
+            changes = data_changes(saved["data"], cfg.data_dir, exclude=self.data_exclude())
+            if changes:
+                raise ConfigError(
+                    f"--resume: the data files in {str(cfg.data_dir)!r} differ from those the run in {str(self.out)!r} "
+                    f"started with: {', '.join(changes[:5])}{' ...' if len(changes) > 5 else ''}; restore them, or "
+                    "drop --resume and pass --overwrite to train again on the new data, or choose another --output-dir."
+                )
 
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -248,14 +332,9 @@ class _Session:
         self.global_batch = cfg.batch_size
         self.ckpt = load_checkpoint(self.out) if cfg.resume else None
         if self.ckpt is not None:
-            saved = self.ckpt["progress"]["config"]
-            mine = json.loads(json.dumps(cfg.identity(), default=str))
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-            if diff:
-                raise ConfigError(
-                    f"--resume: options {diff} differ from the checkpoint's ({[saved.get(k) for k in diff]}); "
-                    "resume with the original options or pass --overwrite."
-                )
+            problem = identity_diff(self.ckpt["progress"]["config"], cfg, "the checkpoint's")
+            if problem:
+                raise ConfigError(problem)
         set_seed(cfg.seed)
         t0 = time.perf_counter()
         self.task = TASKS[cfg.task](cfg)
@@ -465,7 +544,9 @@ class _Session:
             else:
                 state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
                 save_file(state, str(tmp / "trainable.safetensors"))
-            (tmp / RUN_INFO).write_text(json.dumps({**info, "peft": isinstance(model, PeftModel)}, indent=2))
+            sums = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}  # load_trained checks them
+            run_info = {**info, "peft": isinstance(model, PeftModel), "sha256": sums}
+            (tmp / RUN_INFO).write_text(json.dumps(run_info, indent=2))
 
         atomic_write_dir(self.out / "adapter", write)
 
@@ -490,7 +571,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     the adapter goes to ``output_dir/adapter`` and the log to ``output_dir/train.log``.
     """
     cfg = cfg.resolved()
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError(
+            "--resume continues the run in --output-dir and --overwrite deletes it: pass only one of them."
+        )
     session = _Session(cfg)
+    with ExitStack() as held:  # the folder's lock, held on the main process until the run ends
+        session.on_main(lambda: held.enter_context(folder_lock(session.out)), "the run folder's lock")
+        return _train_locked(session)
+
+
+def _train_locked(session: _Session) -> dict[str, Any]:
+    cfg = session.cfg
     finished = session.prepare_output()
     if finished is not None:
         return finished

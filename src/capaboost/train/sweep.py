@@ -11,28 +11,54 @@ A sweep file (YAML/TOML/JSON; relative paths are relative to the working directo
     grid: {density: [0.3, 0.5]}                                    # optional: every combination
     seeds: [0, 1, 2]
 
-Each run goes to ``output_dir/<task>/<tag>/seed<seed>``. Finished runs (``metrics.json``) are
-skipped and unfinished ones resumed, so re-running a sweep after an interruption only does what is
-missing. The report groups runs by (task, tag) and gives mean ± std over seeds, like the paper.
+Each run goes to ``output_dir/<task>/<tag>/seed<seed>``. A method entry without a ``tag`` is named by
+its options (``{method: lora, r: 16}`` -> ``lora-r16``), so entries that differ only in an option get
+their own folders; two different runs that would still share a folder are an error. ``base`` and
+``grid`` options that a run's task or method does not read are left out of that run (``lora`` in a
+``grid: {density: [...]}`` sweep runs once, as ``lora``); the same option in a method entry is an error.
+
+Finished runs (``metrics.json``) are skipped and unfinished ones resumed, so re-running a sweep after an
+interruption only does what is missing. A finished run whose recorded options differ from the sweep's
+current ones (``base:`` was edited) is never reported as the new config's: it is marked ``stale``, left
+untouched, and the message says how to retrain. The report groups runs by (task, tag, options) and gives
+mean ± std over seeds, like the paper.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
+import re
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
 from .checkpoint import atomic_write_bytes
-from .run_config import ConfigError, make_config, read_config_file
+from .metrics import greater_is_better, report_scale
+from .run_config import ALIASES, ConfigError, RunConfig, make_config, option_applies, read_config_file
 
 SWEEP_KEYS = {"output_dir", "base", "tasks", "methods", "grid", "seeds"}
-# Metrics reported as fractions by capaboost.train.metrics; shown x100 like the paper's tables.
-PERCENT_SCALE = {"squad": 1.0, "squad_v2": 1.0}
+FINISHED = ("done", "trained")  # statuses whose metrics.json belongs to the sweep as it is now
+
+
+def _option_name(key: str) -> str:
+    name = key.replace("-", "_")
+    return ALIASES.get(name, name)
+
+
+def _label(key: str, value: Any) -> str:
+    """``key`` + ``value`` as a folder-safe tag part: lists joined by '+', anything else odd becomes '_'."""
+    if isinstance(value, (list, tuple)):
+        text = "+".join(map(str, value))
+    elif isinstance(value, dict):
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9._+=,-]", "_", f"{_option_name(key)}{text}")
 
 
 def expand_sweep(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,21 +75,47 @@ def expand_sweep(spec: dict[str, Any]) -> list[dict[str, Any]]:
     grid = spec.get("grid") or {}
     if not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError("every grid entry must be a non-empty list of values, e.g. grid: {density: [0.3, 0.5]}")
-    runs = []
+    runs: dict[str, dict[str, Any]] = {}
     for task_opts, method, values, seed in itertools.product(
         tasks, methods, itertools.product(*grid.values()), seeds
     ):
         method_opts = {"method": method} if isinstance(method, str) else dict(method)
-        setting = dict(zip(grid, values))
-        suffix = "".join(f"-{k}{v}" for k, v in setting.items())
-        tag = (method_opts.pop("tag", None) or method_opts.get("method", "")) + suffix
-        options = {**base, **task_opts, **method_opts, **setting, "seed": seed, "tag": tag}
-        if "task" not in options:
+        explicit_tag = method_opts.pop("tag", None)
+        chosen = {**base, **task_opts, **method_opts}
+        if "task" not in chosen:
             raise ConfigError("the sweep names no task: set base.task or a tasks: list")
-        options["output_dir"] = str(Path(spec["output_dir"]) / options["task"] / tag / f"seed{seed}")
-        make_config(options)  # unknown option names fail here, before anything trains
-        runs.append(options)
-    return runs
+        task, method_name = str(chosen["task"]), str(chosen.get("method", "capaboost-lora"))
+
+        def applies(key: str) -> bool:  # shared options only go to the runs that read them
+            return option_applies(_option_name(key), task, method_name)
+
+        setting = {k: v for k, v in zip(grid, values) if applies(k)}
+        own = "".join(f"-{_label(k, v)}" for k, v in method_opts.items() if k != "method")
+        tag = (explicit_tag or f"{method_name}{own}") + "".join(f"-{_label(k, v)}" for k, v in setting.items())
+        shared = {k: v for k, v in base.items() if applies(k)}
+        options = {**shared, **task_opts, **method_opts, **setting, "seed": seed, "tag": tag}
+        options["output_dir"] = str(Path(spec["output_dir"]) / task / tag / f"seed{seed}")
+        if options.get("overwrite") or options.get("resume"):
+            raise ConfigError(
+                "a sweep resumes unfinished runs and skips finished ones by itself: remove overwrite/resume from "
+                "the sweep file (delete a run's folder, or change output_dir, to train it again)."
+            )
+        make_config(options)  # unknown, mistyped, out-of-range or unused options fail here, before anything trains
+        other = runs.get(options["output_dir"])
+        if other is not None and other != options:
+            differ = sorted(k for k in set(other) | set(options) if other.get(k) != options.get(k))
+            raise ConfigError(
+                f"two sweep runs would share {options['output_dir']!r} but differ in {differ}: give their method "
+                "entries distinct tags (methods: [{method: ..., tag: NAME}]) or split the sweep."
+            )
+        runs[options["output_dir"]] = options  # an identical duplicate entry runs once
+    return list(runs.values())
+
+
+def stale_options(out: Path, options: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Options in which the finished run in ``out`` differs from ``options``: name -> (recorded, now)."""
+    recorded = json.loads((out / "metrics.json").read_text()).get("config", {})
+    return make_config(options).with_defaults().differences(recorded)
 
 
 def run_sweep(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
@@ -77,7 +129,15 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
         out = Path(options["output_dir"])
         status = {"output_dir": str(out), "sweep_dir": spec["output_dir"], "tag": options["tag"]}
         if (out / "metrics.json").exists():
-            results.append({**status, "status": "done"})
+            changed = stale_options(out, options)
+            if changed:  # never report an old config's result as this one's, never delete it either
+                what = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in sorted(changed.items()))
+                error = (f"{out} holds a finished run of other options ({what}); move or delete that folder, or set "
+                         "another output_dir, to train the current options.")
+                print(f"error: {error}")
+                results.append({**status, "status": "stale", "error": error})
+            else:
+                results.append({**status, "status": "done"})
             continue
         if dry_run:
             results.append({**status, "status": "resume" if (out / "checkpoint").exists() else "pending"})
@@ -93,26 +153,44 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
     return results
 
 
-def collect(folder: str | Path) -> list[dict[str, Any]]:
-    """Every metrics.json below ``folder``."""
+def collect(folder: str | Path, run_dirs: Optional[Iterable[str | Path]] = None) -> list[dict[str, Any]]:
+    """Every metrics.json below ``folder``, or only those of ``run_dirs`` (a sweep's current runs)."""
+    if run_dirs is not None:
+        paths = [Path(d) / "metrics.json" for d in run_dirs]
+        return [json.loads(p.read_text()) for p in paths if p.is_file()]
     return [json.loads(p.read_text()) for p in sorted(Path(folder).rglob("metrics.json"))]
 
 
-def _scale(task: str) -> float:
-    return PERCENT_SCALE.get(task, 100.0)
+def options_key(config: dict[str, Any]) -> str:
+    """Short digest of a run's options without its seed (and a mask seed that follows it): runs with equal
+    keys are seeds of one setting, so only they are averaged together."""
+    seed = config.get("seed")
+    kept = {k: v for k, v in config.items() if k not in (*RunConfig.RUNTIME_ONLY, "seed", "tag")
+            and not (k == "mask_seed" and v == seed)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(task, tag) -> mean/std over seeds of every test metric, trainable params, seeds."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """(task, tag) -> mean/std over seeds of every test metric, trainable params, seeds.
+
+    Runs with one tag but different options (a tag reused across edits of a sweep, or hand-made runs)
+    are never averaged together: each setting gets its own row, ``tag [options digest]``.
+    """
+    keyed: dict[tuple[str, str, str], list[dict]] = {}
     for m in runs:
-        groups.setdefault((m["task"], m.get("tag") or m["method"]), []).append(m)
+        keyed.setdefault((m["task"], m.get("tag") or m["method"], options_key(m.get("config", {}))), []).append(m)
+    settings: dict[tuple[str, str], int] = {}
+    for task, tag, _ in keyed:
+        settings[(task, tag)] = settings.get((task, tag), 0) + 1
+    groups = {
+        (task, tag if settings[(task, tag)] == 1 else f"{tag} [{key}]"): ms for (task, tag, key), ms in keyed.items()
+    }
     out = {}
     for (task, tag), ms in groups.items():
-        scale = _scale(task)
         metrics = {}
         for name in ms[0]["test"]:
-            values = np.array([m["test"][name] for m in ms if name in m["test"]]) * scale
+            # fractions x100 like the paper's tables; loss, perplexity and SQuAD's percentages as they are
+            values = np.array([m["test"][name] for m in ms if name in m["test"]]) * report_scale(task, name)
             metrics[name] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
         out[(task, tag)] = {
             "main": ms[0]["main_metric"],
@@ -148,7 +226,9 @@ def markdown_table(summary: dict[tuple[str, str], dict[str, Any]]) -> str:
             cells.append(f"{mean:.1f} ± {std:.1f} (n={len(s['seeds'])})")
         any_s = next(s for (_, g), s in summary.items() if g == tag)
         params = np.mean([s["params"] for (_, g), s in summary.items() if g == tag])
-        avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–"
+        # an average of scores and perplexities would mean nothing
+        comparable = all(greater_is_better(summary[next(k for k in summary if k[0] == t)]["main"]) for t in tasks)
+        avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) and comparable else "–"
         rank = "–" if any_s["rank"] is None else str(any_s["rank"])
         lines.append("| " + " | ".join([tag, _params(params), rank, *cells, avg]) + " |")
     return "\n".join(lines)
@@ -195,16 +275,21 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def write_report(folder: str | Path) -> str:
-    """Write ``report.md`` and ``report.png`` into ``folder``; returns the markdown."""
+def write_report(folder: str | Path, run_dirs: Optional[Iterable[str | Path]] = None) -> str:
+    """Write ``report.md`` and ``report.png`` into ``folder``; returns the markdown.
+
+    ``run_dirs``: report only these runs (what a sweep ran or found up to date), not every metrics.json
+    below ``folder`` (which may hold stale runs of an earlier version of the sweep).
+    """
     folder = Path(folder)
-    runs = collect(folder)
+    runs = collect(folder, run_dirs)
     if not runs:
         raise ConfigError(f"no metrics.json below {str(folder)!r}: run `capaboost sweep` or `capaboost train` first.")
     summary = summarize(runs)
     png = plot(summary, folder / "report.png")
     text = (
-        f"# Results ({len(runs)} runs)\n\nTest score x100 (SQuAD: %), mean ± std over seeds.\n\n"
+        f"# Results ({len(runs)} runs)\n\nTest scores, mean ± std over seeds: fractions (accuracy, F1, MCC, "
+        "correlations, exact match) x100, SQuAD already in %, loss and perplexity as they are.\n\n"
         f"{markdown_table(summary)}\n\n![accuracy vs trainable parameters]({png.name})\n\n"
         f"## All test metrics\n\n{detail_table(summary)}\n"
     )

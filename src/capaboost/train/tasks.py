@@ -21,3 +21,18 @@ TASKS: dict[str, type[Task]] = {
     "image": ImageClassificationTask,
     "causal-lm": CausalLMTask,
 }
+
+_ALL = tuple(TASKS)
+# Options only some tasks read: option -> those tasks. Given to another task they are refused
+# (run_config.refuse_unused), so a flag never silently does nothing. Options not listed here are read by
+# every task (tests/test_options.py keeps this table and RunConfig's fields in step).
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "data_dir": tuple(t for t in _ALL if TASKS[t].needs_data_dir),  # rotten_tomatoes ships its data
+    "max_seq_len": tuple(t for t in _ALL if t != "image"),
+    "doc_stride": ("squad", "squad_v2"),
+    **{name: ("text",) for name in (
+        "text_column", "label_column", "text_pair_column", "drop_labels", "deduplicate", "is_regression")},
+    "test_fraction": ("text", "rotten_tomatoes"),
+    **{name: ("image",) for name in ("image_size", "train_size", "val_size")},
+    "reader_kwargs": (*GLUE_TASKS, "text", "image"),
+}
