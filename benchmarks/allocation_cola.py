@@ -30,7 +30,7 @@ import capaboost  # noqa: F401  (registers CapaBoost-LoRA with PEFT)
 from capaboost import CapaBoostLoraConfig, parameter_counts
 from capaboost.allocation import allocate, describe, sensitivity, union_count
 from capaboost.data import load_task
-from capaboost.train.metrics import compute_metrics
+from capaboost.data.metrics import compute_metrics
 
 TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 KINDS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]

@@ -30,7 +30,7 @@ from peft import LoraConfig, get_peft_model
 import capaboost  # noqa: F401  (registers CapaBoost-LoRA with PEFT)
 from capaboost import CapaBoostLoraConfig
 from capaboost.timm_compat import import_timm
-from capaboost.train.protocols import subsample, vtab_split
+from capaboost.data.protocols import subsample, vtab_split
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TARGETS = r".*\.(conv_pw|conv_pwl)|conv_head"  # every groups=1 conv except the 3x3 stem

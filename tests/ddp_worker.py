@@ -23,8 +23,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers import BertForSequenceClassification  # noqa: E402
 
+import helpers  # noqa: E402  (tests/, on the path when run as a script or imported by pytest)
 from capaboost import CapaBoostLoraConfig  # noqa: E402
 from capaboost.distributed import (  # noqa: E402
     load_checkpoint,
@@ -40,11 +41,8 @@ WATCHDOG_S = 200
 
 
 def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
-    ))
+    return helpers.tiny_bert(vocab_size=VOCAB, num_attention_heads=2, max_position_embeddings=32, num_labels=2,
+                             **helpers.BERT_NO_DROPOUT)
 
 
 def build_model(mask_seed: int = 0) -> torch.nn.Module:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import capaboost
 from capaboost.adapter import AdapterMergeError, CapaBoostAdapterConfig, CapaBoostAdapterLayer, UnknownArchitectureError
+import helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T.logging.set_verbosity_error()
@@ -20,20 +21,19 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interme
 
 
 def tiny(arch: str) -> nn.Module:
-    torch.manual_seed(0)
     if arch == "bert":
-        return T.BertForSequenceClassification(T.BertConfig(vocab_size=100, **SMALL)).eval()
+        return helpers.tiny_bert(**SMALL).eval()
+    if arch == "vit":
+        return helpers.tiny_vit(image_size=8, patch_size=4, num_labels=3, **SMALL).eval()
+    if arch == "gpt2":
+        return helpers.tiny_gpt2(n_head=2, bos_token_id=0, eos_token_id=0).eval()
+    if arch == "llama":
+        return helpers.tiny_llama(**SMALL).eval()
+    torch.manual_seed(0)
     if arch == "roberta":
         return T.RobertaModel(T.RobertaConfig(vocab_size=100, **SMALL)).eval()
     if arch == "deberta-v2":
         return T.DebertaV2Model(T.DebertaV2Config(vocab_size=100, **SMALL)).eval()
-    if arch == "vit":
-        return T.ViTForImageClassification(T.ViTConfig(image_size=8, patch_size=4, num_labels=3, **SMALL)).eval()
-    if arch == "gpt2":
-        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
-        return T.GPT2LMHeadModel(cfg).eval()
-    if arch == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, **SMALL)).eval()
     raise KeyError(arch)
 
 

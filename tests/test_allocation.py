@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 import capaboost  # noqa: F401  (registers the method)
 from capaboost import CapaBoostLoraConfig, parameter_counts
@@ -19,15 +19,13 @@ from capaboost.allocation import (
     sensitivity,
     union_count,
 )
+import helpers
 
 TARGETS = ["query", "value", "intermediate.dense"]
 
 
 def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    return BertForSequenceClassification(cfg).eval()
+    return helpers.tiny_bert(num_attention_heads=2, max_position_embeddings=32, num_labels=2).eval()
 
 
 def config(**kw) -> CapaBoostLoraConfig:

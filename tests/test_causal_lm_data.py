@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from capaboost import CapaBoostLoraConfig
 from capaboost.data.causal_lm import (
@@ -22,9 +22,14 @@ from capaboost.data.causal_lm import (
 )
 from capaboost.data.errors import DataError
 from capaboost.train.causal_lm import evaluate_causal_lm, exact_match, greedy_generate, perplexity
+import helpers
 
 WORDS = "what is one two three four five plus equals the capital of france paris yes no a b c d".split()
 
+
+
+# the tiny GPT-2 of the causal-LM tests (tokenizer: tiny_tokenizer's 24 ids + room)
+CLM_GPT2 = dict(vocab_size=32, n_positions=64, n_head=2, **helpers.GPT2_NO_DROPOUT, bos_token_id=0, eos_token_id=1)
 
 
 def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
@@ -37,12 +42,10 @@ def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
 
 
 def tiny_gpt2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=32, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=1)
+    base = helpers.tiny_gpt2(**CLM_GPT2)
     peft_config = CapaBoostLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False,
                                       task_type="CAUSAL_LM")
-    return get_peft_model(GPT2LMHeadModel(config), peft_config).eval()
+    return get_peft_model(base, peft_config).eval()
 
 
 def write_jsonl(path, rows) -> None:

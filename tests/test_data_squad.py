@@ -18,7 +18,7 @@ from capaboost.data.squad import (
     read_squad_file,
     references,
 )
-from capaboost.train.metrics import compute_metrics
+from capaboost.data.metrics import compute_metrics
 
 FILLER = " ".join(f"w{i}" for i in range(40))
 CONTEXT_A = f"The Broncos won Super Bowl 50 in Santa Clara. {FILLER} The city of Denver is in Colorado."

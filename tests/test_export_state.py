@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import torch
 from peft import get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertForSequenceClassification, GPT2LMHeadModel
 
 import capaboost  # noqa: F401  (registers the methods)
 from capaboost import CapaBoostLoraConfig, CapaBoostPrefixConfig, export_as_lora, export_as_prefix
+import helpers
 
 IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(1))
 
 
 def bert_with_dropout() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
-    return BertForSequenceClassification(cfg).eval()
+    return helpers.tiny_bert(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3).eval()
 
 
 def gpt2_with_dropout() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.3,
-                     embd_pdrop=0.3, attn_pdrop=0.3, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
+    return helpers.tiny_gpt2(n_positions=32, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3, bos_token_id=0,
+                             eos_token_id=0).eval()
 
 
 def lora_model(lora_dropout: float = 0.0) -> torch.nn.Module:

@@ -12,29 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertForSequenceClassification
 
 import capaboost
 from capaboost import CapaBoostLoraConfig, delta_ranks, export_as_lora, parameter_counts
 from capaboost.lora import CapaBoostLoraLayer
+import helpers
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def tiny_bert(seed=0, num_labels=2):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return helpers.tiny_bert(seed, num_labels=num_labels, **helpers.BERT_NO_DROPOUT).eval()
 
 
 def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg).eval()
+    return helpers.tiny_gpt2(seed, n_positions=32, **helpers.GPT2_NO_DROPOUT).eval()
 
 
 def cb_config(**kw):

@@ -7,13 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from capaboost.train.metrics import (
-    compute_metrics,
-    metrics_for_task,
-    normalize_answer,
-    squad_f1,
-    squad_metrics,
-)
+from capaboost.data.metrics import compute_metrics, normalize_answer, squad_f1, squad_metrics
+from capaboost.data.task_specs import metrics_for_task
 
 
 def test_matthews_sklearn_example() -> None:

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from capaboost.cli import main
-from capaboost.train import testing
 from capaboost.train.methods import METHODS, MethodContext
-from capaboost.train.run_config import ConfigError, RunConfig, make_config, read_config_file
+from capaboost.train.errors import ConfigError
+from capaboost.train.run_config import RunConfig, make_config, read_config_file
 from capaboost.train.tasks import TASKS
+import helpers
 
 TESTS = Path(__file__).parent
 
@@ -46,6 +47,9 @@ HONOURED = {
     "overwrite": "test_runner.py::test_finished_runs_are_not_overwritten_silently",
     "progress": "test_options.py::test_config_file_values_are_coerced_by_field_type",
     "cache_dir": "test_options.py::test_runner_honours_optimisation_and_runtime_options",
+    "precision": "test_runner_gpu_options.py::test_bf16_trains_under_autocast_and_fp32_does_not",
+    "gradient_checkpointing": "test_runner_gpu_options.py::test_gradient_checkpointing_recomputes_layers_with_the_same_losses",
+    "tf32": "test_runner_gpu_options.py::test_tf32_flags_are_set_for_cuda_devices_only_and_restored",
 }
 
 # A valid non-default value of every option that only some methods/tasks read.
@@ -67,7 +71,7 @@ def _test_exists(ref: str) -> bool:
 
 def test_every_option_is_honoured_or_refused():
     from capaboost.train.methods import method_options
-    from capaboost.train.tasks import TASK_OPTIONS
+    from capaboost.data.task_specs import TASK_OPTIONS
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     scoped = set(method_options()) | set(TASK_OPTIONS)
@@ -137,8 +141,8 @@ def test_cli_refuses_bad_values_and_unused_flags_with_one_line(tmp_path, capsys)
 
 
 def test_max_seq_len_above_the_models_maximum_is_refused_before_training(tmp_path):
-    bert = testing.save_tiny_bert(tmp_path / "bert")  # max_position_embeddings 128
-    data = testing.write_glue("sst2", tmp_path / "sst2")
+    bert = helpers.save_tiny_bert(tmp_path / "bert")  # max_position_embeddings 128
+    data = helpers.write_glue("sst2", tmp_path / "sst2")
     ok = RunConfig(task="sst2", data_dir=data, model=bert, max_seq_len=128).resolved()
     assert ok.max_seq_len == 128
     with pytest.raises(ConfigError, match=r"--max-seq-len 129 exceeds the model's maximum of 128 tokens"):
@@ -198,8 +202,8 @@ def test_runner_honours_optimisation_and_runtime_options(tmp_path, monkeypatch):
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", recording_clip)
     monkeypatch.setattr(runner, "predict", recording_predict)
     monkeypatch.setattr(torch, "set_num_threads", recording_threads)
-    bert = testing.save_tiny_bert(tmp_path / "bert")
-    data = testing.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
+    bert = helpers.save_tiny_bert(tmp_path / "bert")
+    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
     metrics = runner.train(RunConfig(
         task="sst2", method="lora", data_dir=data, model=bert, max_steps=4, batch_size=8, eval_batch_size=3, lr=0.01,
         head_lr=0.02, weight_decay=0.3, warmup_ratio=0.5, max_grad_norm=0.25, eval_steps=1, max_seq_len=32,
@@ -222,8 +226,8 @@ def test_max_grad_norm_zero_turns_clipping_off(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", lambda *a, **k: calls.append(a))
-    bert = testing.save_tiny_bert(tmp_path / "bert")
-    data = testing.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
+    bert = helpers.save_tiny_bert(tmp_path / "bert")
+    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
     train(RunConfig(task="sst2", method="lora", data_dir=data, model=bert, max_steps=1, batch_size=8,
                     max_grad_norm=0, max_seq_len=32, threads=1, progress=False, output_dir=str(tmp_path / "out"),
                     cache_dir=str(tmp_path / "cache")))
@@ -243,7 +247,7 @@ def test_reader_kwargs_reach_the_glue_reader(tmp_path):
     from capaboost.data.errors import DataError
     from capaboost.train.task_text import TextClassificationTask
 
-    data = Path(testing.write_glue("sst2", tmp_path / "sst2"))
+    data = Path(helpers.write_glue("sst2", tmp_path / "sst2"))
     lines = (data / "train.tsv").read_text().splitlines()
     lines[3] = lines[3].split("\t")[0]  # a row with its label missing
     (data / "train.tsv").write_text("\n".join(lines) + "\n")

@@ -17,21 +17,18 @@ from peft.tuners.prefix_tuning import PrefixEncoder
 import capaboost
 from capaboost import CapaBoostPrefixConfig, export_as_prefix
 from capaboost.prefix import CapaBoostPrefixEncoder
+import helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T.logging.set_verbosity_error()
 
 
 def gpt2() -> T.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
-    return T.GPT2LMHeadModel(cfg).eval()
+    return helpers.tiny_gpt2(n_head=2, bos_token_id=0, eos_token_id=0).eval()
 
 
 def bert() -> T.BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
-    return T.BertForSequenceClassification(cfg).eval()
+    return helpers.tiny_bert(num_attention_heads=2, intermediate_size=37).eval()
 
 
 IDS = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capaboost.train.protocols import (
+from capaboost.data.protocols import (
     HELD_OUT_VALIDATION,
     apply_protocol,
     split_fraction,

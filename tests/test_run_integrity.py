@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from capaboost.cli import main
-from capaboost.train import testing
 from capaboost.train.runner import FAIL_ENV, SimulatedInterruption
+import helpers
 
 T = ["--max-train-samples", "64", "--max-eval-samples", "64", "--max-steps", "8", "--batch-size", "8",
      "--max-seq-len", "32"]
@@ -23,8 +23,8 @@ T = ["--max-train-samples", "64", "--max-eval-samples", "64", "--max-steps", "8"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
-    env = {"bert": testing.save_tiny_bert(root / "bert"), "cache": str(root / "cache"), "root": root,
-           "data": testing.write_glue("sst2", root / "sst2")}
+    env = {"bert": helpers.save_tiny_bert(root / "bert"), "cache": str(root / "cache"), "root": root,
+           "data": helpers.write_glue("sst2", root / "sst2")}
     assert train(env, root / "finished", "--save-steps", "4") == 0
     os.environ[FAIL_ENV] = "5"  # dies after step 5; the checkpoint is from step 4
     try:
@@ -167,7 +167,7 @@ def test_resume_and_overwrite_together_are_refused(env, tmp_path, capsys):
 
 
 def test_resume_notices_changed_data_files_but_not_a_touched_copy(env, tmp_path, capsys):
-    data = Path(testing.write_glue("sst2", tmp_path / "sst2"))
+    data = Path(helpers.write_glue("sst2", tmp_path / "sst2"))
     os.environ[FAIL_ENV] = "5"
     try:
         with pytest.raises(SimulatedInterruption):
@@ -260,12 +260,9 @@ def test_an_output_dir_that_is_a_file_is_named(env, tmp_path, capsys):
 def test_an_adapter_config_without_mask_fingerprint_is_refused(tmp_path, capsys):
     import capaboost
     from peft import PeftModel, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
 
     def base():
-        torch.manual_seed(0)
-        return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
-                                                        num_attention_heads=2, intermediate_size=64))
+        return helpers.tiny_bert(vocab_size=50, num_hidden_layers=1, num_attention_heads=2)
 
     for d, mode in ((1, "diff"), (2, "same")):  # the union's size does not betray an edited seed here
         cfg = capaboost.CapaBoostLoraConfig(r=4, target_modules=["query", "value"], num_copies=d, mask_density=0.5,

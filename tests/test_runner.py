@@ -10,18 +10,19 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from capaboost.data.errors import DataError
-from capaboost.train import testing
-from capaboost.train.run_config import ConfigError, RunConfig
+from capaboost.train.errors import ConfigError
+from capaboost.train.run_config import RunConfig
 from capaboost.train.runner import FAIL_ENV, RunExistsError, SimulatedInterruption, epoch_batches, predict, train
 from capaboost.train.tasks import TASKS
 from capaboost.train.trained import load_trained
+import helpers
 
 GLUE = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
 
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    return testing.save_tiny_bert(tmp_path_factory.mktemp("bert"))
+    return helpers.save_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def run(tmp_path, bert, cache, **options):
 
 
 def test_metrics_json_has_the_documented_keys_and_counts(tmp_path, bert, cache):
-    data = testing.write_glue("sst2", tmp_path / "sst2")
+    data = helpers.write_glue("sst2", tmp_path / "sst2")
     metrics = run(tmp_path, bert, cache, task="sst2", method="capaboost-lora", data_dir=data, epochs=2)
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -67,7 +68,7 @@ def _manual_predictions(out_dir, task_name, data_dir, bert, cache, split="test")
 
 
 def test_reported_accuracy_is_that_of_the_saved_model_and_full_finetuning_learns(tmp_path, bert, cache):
-    data = testing.write_glue("sst2", tmp_path / "sst2", n_train=64, n_dev=32)
+    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=64, n_dev=32)
     metrics = run(tmp_path, bert, cache, task="sst2", method="full", data_dir=data, epochs=15, lr=1e-3)
     logits, labels = _manual_predictions(tmp_path / "out", "sst2", data, bert, cache)
     assert metrics["test"]["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).mean()))
@@ -76,7 +77,7 @@ def test_reported_accuracy_is_that_of_the_saved_model_and_full_finetuning_learns
 
 
 def test_stsb_regression_reports_pearson_spearman_of_the_saved_model(tmp_path, bert, cache):
-    data = testing.write_glue("stsb", tmp_path / "stsb")
+    data = helpers.write_glue("stsb", tmp_path / "stsb")
     metrics = run(tmp_path, bert, cache, task="stsb", method="lora", data_dir=data, max_steps=3)
     preds, labels = _manual_predictions(tmp_path / "out", "stsb", data, bert, cache)
     assert metrics["test"]["pearson"] == pytest.approx(pearsonr(preds[:, 0], labels)[0], abs=1e-5)
@@ -86,7 +87,7 @@ def test_stsb_regression_reports_pearson_spearman_of_the_saved_model(tmp_path, b
 
 @pytest.mark.parametrize("task", GLUE)
 def test_every_glue_layout_trains_and_reports_its_metrics(tmp_path, bert, cache, task):
-    data = testing.write_glue(task, tmp_path / task, n_train=16, n_dev=8)
+    data = helpers.write_glue(task, tmp_path / task, n_train=16, n_dev=8)
     metrics = run(tmp_path, bert, cache, task=task, method="capaboost-lora", data_dir=data, max_steps=1)
     expected = {"cola": {"matthews_correlation"}, "stsb": {"pearson", "spearman", "combined"},
                 "mrpc": {"accuracy", "f1"}, "qqp": {"accuracy", "f1"}}.get(task, {"accuracy"})
@@ -98,7 +99,7 @@ def test_every_glue_layout_trains_and_reports_its_metrics(tmp_path, bert, cache,
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
 def test_generic_text_files_with_named_columns(tmp_path, bert, cache, suffix):
-    data = testing.write_text(tmp_path / f"reviews{suffix}", n=40)
+    data = helpers.write_text(tmp_path / f"reviews{suffix}", n=40)
     metrics = run(tmp_path, bert, cache, task="text", method="lora", data_dir=data, max_steps=2,
                   text_column="review", label_column="sentiment")
     assert set(metrics["test"]) == {"accuracy", "macro_f1"}
@@ -107,7 +108,7 @@ def test_generic_text_files_with_named_columns(tmp_path, bert, cache, suffix):
 
 @pytest.mark.parametrize("task", ["squad", "squad_v2"])
 def test_squad_question_answering_reports_em_and_f1(tmp_path, bert, cache, task):
-    data = testing.write_squad(tmp_path / task, version_2=task == "squad_v2")
+    data = helpers.write_squad(tmp_path / task, version_2=task == "squad_v2")
     metrics = run(tmp_path, bert, cache, task=task, method="capaboost-lora", data_dir=data, max_steps=2, max_seq_len=32)
     assert {"exact_match", "f1"} <= set(metrics["test"])
     assert 0.0 <= metrics["test"]["exact_match"] <= metrics["test"]["f1"] <= 100.0
@@ -117,7 +118,7 @@ def test_squad_question_answering_reports_em_and_f1(tmp_path, bert, cache, task)
 
 def test_squad_score_decodes_spans_from_logits(tmp_path, bert, cache):
     """Logits peaked on the gold span must score EM = F1 = 100 through the task's decoding."""
-    data = testing.write_squad(tmp_path / "sq")
+    data = helpers.write_squad(tmp_path / "sq")
     cfg = RunConfig(task="squad", data_dir=data, model=bert, cache_dir=cache, max_seq_len=32).resolved()
     task = TASKS["squad"](cfg)
     task.load()
@@ -139,8 +140,8 @@ def test_squad_score_decodes_spans_from_logits(tmp_path, bert, cache):
 
 @pytest.mark.parametrize("layout", ["npz", "folders"])
 def test_image_classification_with_a_tiny_vit(tmp_path, cache, layout):
-    vit = testing.save_tiny_vit(tmp_path / "vit")
-    npz = testing.write_images_npz(tmp_path / "img" / "data.npz", n_train=30, n_test=10)
+    vit = helpers.save_tiny_vit(tmp_path / "vit")
+    npz = helpers.write_images_npz(tmp_path / "img" / "data.npz", n_train=30, n_test=10)
     data = str(tmp_path / "img")
     if layout == "folders":
         from PIL import Image
@@ -158,7 +159,7 @@ def test_image_classification_with_a_tiny_vit(tmp_path, cache, layout):
 
 
 def test_dev_protocol_reports_the_final_model_and_propetl_the_best(tmp_path, bert, cache):
-    data = testing.write_glue("sst2", tmp_path / "sst2", n_train=64, n_dev=32)
+    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=64, n_dev=32)
     dev = run(tmp_path / "dev", bert, cache, task="sst2", method="full", data_dir=data, epochs=6, lr=1e-3)
     assert dev["selected_step"] == dev["steps"]
     assert dev["test"] == dev["validation"][-1]["metrics"]
@@ -171,7 +172,7 @@ def test_dev_protocol_reports_the_final_model_and_propetl_the_best(tmp_path, ber
 
 
 def test_subsampling_is_fixed_by_the_seed(tmp_path, bert, cache):
-    data = testing.write_glue("sst2", tmp_path / "sst2", n_train=64)
+    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=64)
     a = run(tmp_path / "a", bert, cache, task="sst2", method="bitfit", data_dir=data, max_steps=1, max_train_samples=20)
     b = run(tmp_path / "b", bert, cache, task="sst2", method="bitfit", data_dir=data, max_steps=1, max_train_samples=20)
     assert a["sizes"]["train"] == 20
@@ -180,7 +181,7 @@ def test_subsampling_is_fixed_by_the_seed(tmp_path, bert, cache):
 
 @pytest.mark.parametrize("method", ["capaboost-lora", "adalora"])
 def test_resume_after_an_interruption_gives_identical_results(tmp_path, bert, cache, monkeypatch, method):
-    data = testing.write_glue("sst2", tmp_path / "sst2")
+    data = helpers.write_glue("sst2", tmp_path / "sst2")
     opts = dict(task="sst2", method=method, data_dir=data, epochs=2, save_steps=2, dropout=0.1, lr=5e-3)
     whole = run(tmp_path / "whole", bert, cache, **opts)
     monkeypatch.setenv(FAIL_ENV, "5")  # dies after step 5; the last checkpoint is from step 4
@@ -199,7 +200,7 @@ def test_resume_after_an_interruption_gives_identical_results(tmp_path, bert, ca
 
 
 def test_resume_refuses_changed_options(tmp_path, bert, cache, monkeypatch):
-    data = testing.write_glue("sst2", tmp_path / "sst2")
+    data = helpers.write_glue("sst2", tmp_path / "sst2")
     monkeypatch.setenv(FAIL_ENV, "2")
     with pytest.raises(SimulatedInterruption):
         run(tmp_path, bert, cache, task="sst2", method="lora", data_dir=data, epochs=1, save_steps=1)
@@ -209,7 +210,7 @@ def test_resume_refuses_changed_options(tmp_path, bert, cache, monkeypatch):
 
 
 def test_finished_runs_are_not_overwritten_silently(tmp_path, bert, cache):
-    data = testing.write_glue("sst2", tmp_path / "sst2", n_train=16)
+    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=16)
     run(tmp_path, bert, cache, task="sst2", method="bitfit", data_dir=data, max_steps=1)
     with pytest.raises(RunExistsError, match="--overwrite"):
         run(tmp_path, bert, cache, task="sst2", method="bitfit", data_dir=data, max_steps=1)
@@ -231,7 +232,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch_and_batches_are_full():
 def test_predict_returns_outputs_in_feature_order_despite_length_sorting(tmp_path, bert, cache):
     from accelerate import Accelerator
 
-    data = testing.write_glue("mrpc", tmp_path / "mrpc", n_train=8, n_dev=12)
+    data = helpers.write_glue("mrpc", tmp_path / "mrpc", n_train=8, n_dev=12)
     cfg = RunConfig(task="mrpc", data_dir=data, model=bert, cache_dir=cache).resolved()
     task = TASKS["mrpc"](cfg)
     task.load()
@@ -255,4 +256,4 @@ def test_bad_options_and_data_fail_with_named_errors(tmp_path, bert, cache):
         run(tmp_path, bert, cache, task="sst2", method="capaboost-lora", data_dir=str(tmp_path), density=1.5)
     with pytest.raises(ConfigError, match="--model"):
         run(tmp_path, str(tmp_path / "no-model"), cache, task="sst2", method="lora",
-            data_dir=testing.write_glue("sst2", tmp_path / "sst2"))
+            data_dir=helpers.write_glue("sst2", tmp_path / "sst2"))

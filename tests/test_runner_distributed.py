@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from capaboost.cli import build_parser, main
-from capaboost.train import checkpoint, testing
+from capaboost.train import checkpoint
 from capaboost.train.run_config import make_config
 from capaboost.train.runner import FAIL_ENV
+import helpers
 
 FAIL_SAVE_ENV = "TEST_FAIL_CHECKPOINT_WRITE"  # fail the N-th checkpoint write, while writing optimizer.pt
 
@@ -51,12 +52,12 @@ from test_distributed import _torchrun  # noqa: E402  (not needed by the entry p
 def setup(tmp_path_factory):
     """Tiny BERT with dropout off (dropout draws per process, so it alone would differ across world sizes)."""
     root = tmp_path_factory.mktemp("rd")
-    bert = Path(testing.save_tiny_bert(root / "bert"))
+    bert = Path(helpers.save_tiny_bert(root / "bert"))
     config = json.loads((bert / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (bert / "config.json").write_text(json.dumps(config))
     # 20 examples / global batch 8: 3 steps an epoch, the last one topped up with 4 repeated examples
-    data = testing.write_glue("sst2", root / "sst2", n_train=20, n_dev=12)
+    data = helpers.write_glue("sst2", root / "sst2", n_train=20, n_dev=12)
     return root, str(bert), data
 
 

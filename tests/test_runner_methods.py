@@ -6,24 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from capaboost.train import testing
+from capaboost.train.errors import ConfigError
 from capaboost.train.methods import METHODS, MethodContext, apply_method, count_parameters
 from capaboost.train.models import build_base_model
-from capaboost.train.run_config import ConfigError, RunConfig
+from capaboost.train.run_config import RunConfig
 from capaboost.train.runner import train
 from capaboost.train.trained import load_trained
-
-OPTIONAL = {  # CapaBoost methods from sibling modules: tested when those modules import
-    "capaboost-padapter": "capaboost.adapter", "capaboost-hadapter": "capaboost.adapter",
-    "capaboost-parallel": "capaboost.adapter", "padapter": "capaboost.adapter", "hadapter": "capaboost.adapter",
-    "capaboost-prefix": "capaboost.prefix",
-}
+import helpers
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
-    return testing.save_tiny_bert(root / "bert"), testing.write_glue("sst2", root / "sst2", n_train=16, n_dev=8), root
+    return helpers.save_tiny_bert(root / "bert"), helpers.write_glue("sst2", root / "sst2", n_train=16, n_dev=8), root
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,8 +32,6 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_trains_its_own_parameters_and_reloads(setup, tmp_path, method):
-    if method in OPTIONAL:
-        pytest.importorskip(OPTIONAL[method])
     bert, data, _ = setup
     options = dict(task="sst2", method=method, data_dir=data, model=bert, r=8 if method not in ("vera", "randlora") else 16,
                    bottleneck=8, num_virtual_tokens=4, prefix_hidden=16, lr=1e-2, seed=0)
@@ -100,7 +93,7 @@ def test_adapters_refuse_target_modules(setup):
 
 def test_timm_vision_model_trains_with_capaboost_lora(tmp_path):
     pytest.importorskip("capaboost.timm_compat")
-    data = testing.write_images_npz(tmp_path / "img.npz", n_train=24, n_test=8)
+    data = helpers.write_images_npz(tmp_path / "img.npz", n_train=24, n_test=8)
     metrics = train(RunConfig(task="image", method="capaboost-lora", data_dir=data, model="timm:test_vit",
                               train_size=16, val_size=4, output_dir=str(tmp_path / "out"), max_steps=1, batch_size=8,
                               eval_batch_size=16, threads=1, progress=False))

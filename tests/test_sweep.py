@@ -7,9 +7,9 @@ import json
 import pytest
 
 from capaboost.cli import main
-from capaboost.train import testing
-from capaboost.train.run_config import ConfigError
+from capaboost.train.errors import ConfigError
 from capaboost.train.sweep import expand_sweep, markdown_table, summarize, write_report
+import helpers
 
 
 def test_expand_is_tasks_x_methods_x_grid_x_seeds():
@@ -64,8 +64,8 @@ def test_report_gives_mean_and_sample_std_over_seeds(tmp_path):
 
 
 def test_sweep_trains_then_skips_finished_runs_and_reports(tmp_path, capsys):
-    bert = testing.save_tiny_bert(tmp_path / "bert")
-    data = testing.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
+    bert = helpers.save_tiny_bert(tmp_path / "bert")
+    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
     spec = tmp_path / "sweep.yaml"
     spec.write_text(
         f"output_dir: {tmp_path / 'sw'}\n"

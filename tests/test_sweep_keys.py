@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from capaboost.cli import main
-from capaboost.train.run_config import ConfigError, make_config
+from capaboost.train.errors import ConfigError
+from capaboost.train.run_config import make_config
 from capaboost.train.sweep import expand_sweep, run_sweep
 
 

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 import capaboost  # noqa: F401  (registers the method)
 from capaboost import CapaBoostLoraConfig, delta_ranks, export_as_lora
 from capaboost.lora.layer import Conv2d, Linear
+import helpers
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
            patch_size=4, num_labels=3)
@@ -18,8 +19,7 @@ VIT_TARGETS = ["q_proj", "v_proj", "projection"]  # projection: the patch embedd
 
 
 def tiny_vit() -> ViTForImageClassification:
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(**VIT))
+    return helpers.tiny_vit(**VIT)
 
 
 def cb_config(targets, **kw) -> CapaBoostLoraConfig:

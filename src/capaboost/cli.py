@@ -16,12 +16,13 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .train.run_config import ALIASES, RunConfig
+from .data.task_specs import task_help
+from .train.run_config import ALIASES, PRECISIONS, RunConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every model and dataset is a local file
 
 HELP = {
-    "task": "task: cola sst2 mrpc qqp stsb mnli qnli rte (GLUE), text, rotten_tomatoes, squad, squad_v2, image",
+    "task": task_help(),  # from the task table, capaboost/data/task_specs.py
     "method": "method: capaboost-lora/-padapter/-hadapter/-parallel/-prefix, lora, adalora, loha, vera, randlora, "
     "shira, hira, gralora, prefix, padapter, hadapter, bitfit, full",
     "data_dir": "the task's folder (GLUE: train.tsv + dev.tsv; SQuAD: train/dev JSON), or a data file",
@@ -77,6 +78,12 @@ HELP = {
     "overwrite": "replace a finished or unfinished run in output_dir",
     "progress": "show progress bars",
     "cache_dir": "tokenization cache (default $CAPABOOST_CACHE_DIR or ~/.cache/capaboost)",
+    "precision": "Accelerate mixed precision: fp32 (default), bf16 (autocast; also on the CPU) or fp16 (CUDA only); "
+    "weights stay float32",
+    "gradient_checkpointing": "recompute activations in the backward pass (non-reentrant): less memory, same "
+    "gradients, ~30%% more compute; transformers models only, not prefix tuning",
+    "tf32": "TF32 matmuls/convolutions on CUDA GPUs of compute capability >= 8 (Ampere+), on by default; "
+    "--no-tf32 for full float32 (no effect on the CPU; metrics.json records what ran)",
 }
 
 
@@ -107,6 +114,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = list(TASKS)
         if field.name == "method":
             kwargs["choices"] = list(METHODS)
+        if field.name == "precision":
+            kwargs["choices"] = list(PRECISIONS)
         parser.add_argument(*flags, **kwargs)
 
 
@@ -197,7 +206,7 @@ RUN_ENTRIES = ("adapter", "adapter.old", "checkpoint", "checkpoint.old", "metric
 
 def _export_target(source: Path, out: Path, overwrite: bool) -> None:
     """Refuse an ``--out`` whose replacement would destroy the run, its adapter or files the user did not export."""
-    from .train.run_config import ConfigError
+    from .train.errors import ConfigError
 
     run = source.parent if source.name == "adapter" else source  # a run's adapter/ or a bare adapter folder
     target, run, source = out.resolve(), run.resolve(), source.resolve()

@@ -42,14 +42,25 @@ def launched_world_size() -> int:
     return 1
 
 
-def accelerator_kwargs() -> dict[str, Any]:
-    """Arguments for ``accelerate.Accelerator`` so that a ``torchrun`` launch is data-parallel on any machine.
+# --precision -> Accelerate's mixed_precision ("no": plain float32)
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
+
+def accelerator_kwargs(precision: str = "fp32") -> dict[str, Any]:
+    """Arguments for ``accelerate.Accelerator``: the run's mixed precision, and data parallelism on any machine.
+
+    ``mixed_precision`` is always passed explicitly: Accelerate keeps one process-wide state, and an
+    ``Accelerator()`` without it silently inherits whatever an earlier one in the process chose.
     On a machine without CUDA, Accelerate only starts its gloo process group when asked for the CPU
     (``cpu=True``, which ``accelerate launch --cpu`` sets); otherwise N torchrun processes would
     silently train N independent copies.
     """
-    return {"cpu": True} if launched_world_size() > 1 and not torch.cuda.is_available() else {}
+    if precision not in MIXED_PRECISION:
+        raise ValueError(f"precision must be one of {', '.join(MIXED_PRECISION)}, got {precision!r}.")
+    kwargs: dict[str, Any] = {"mixed_precision": MIXED_PRECISION[precision]}
+    if launched_world_size() > 1 and not torch.cuda.is_available():
+        kwargs["cpu"] = True
+    return kwargs
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -75,12 +75,6 @@ class Placement:
         """The ``target_modules`` regex (full match, as PEFT applies it) of ``style``'s sites."""
         return "|".join(f"(?:{self._pattern(site)})" for site in _SITES[style])
 
-    def site_of(self, key: str, style: str) -> str:
-        for site in _SITES[style]:
-            if re.fullmatch(self._pattern(site), key):
-                return site
-        raise ValueError(f"module {key!r} is not an adapter site of style {style!r} under placement {self}.")
-
     def ffn_input_key(self, ffn_key: str) -> Optional[str]:
         """Name of the module whose input feeds a parallel adapter at ``ffn_key`` (None: the wrapped one)."""
         if not self.ffn_in or self.ffn_in == self.ffn:

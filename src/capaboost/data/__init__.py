@@ -2,8 +2,10 @@
 
 ``load_task`` is the only function the runner needs; the per-format modules
 stay importable for custom layouts. Every loader applies a split protocol
-(``capaboost.train.protocols``) so that all tasks come back as
-train/validation/test with a documented selection rule.
+(``capaboost.data.protocols``) so that all tasks come back as
+train/validation/test with a documented selection rule. Which reader a task
+name uses, and which metrics it reports, is the task table's
+(``capaboost.data.task_specs``). Nothing here imports ``capaboost.train``.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from typing import Any
 
 from capaboost.data.base import Example, TaskData
 from capaboost.data.errors import DataError
-from capaboost.data.glue import GLUE_TASKS, load_glue
+from capaboost.data.glue import load_glue
 from capaboost.data.image import ImageTaskData, load_image_task
 from capaboost.data.squad import SquadData, SquadExample, load_squad
+from capaboost.data.task_specs import TASK_SPECS
 from capaboost.data.text import load_rotten_tomatoes, load_text_task
 
-TASKS: tuple[str, ...] = (*GLUE_TASKS, "text", "squad", "squad_v2", "image")
+# The task families load_task reads (rotten_tomatoes and causal-lm have loaders of their own signature:
+# load_rotten_tomatoes, capaboost.data.causal_lm.load_causal_lm).
+LOAD_TASK_FAMILIES = ("glue", "text", "squad", "image")
 
 __all__ = [
-    "TASKS",
     "DataError",
     "Example",
     "ImageTaskData",
@@ -50,13 +54,15 @@ def load_task(
     uses the VTAB-1k split and ignores ``protocol``).
     """
     key = task.lower()
+    spec = TASK_SPECS.get(key)
+    if spec is None or spec.family not in LOAD_TASK_FAMILIES:
+        allowed = [name for name, s in TASK_SPECS.items() if s.family in LOAD_TASK_FAMILIES]
+        raise ValueError(f"unknown task {task!r}; allowed tasks: {allowed}")
     common = dict(seed=seed, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
-    if key in GLUE_TASKS:
+    if spec.family == "glue":
         return load_glue(key, data_dir, protocol=protocol, **common, **reader_kwargs)
-    if key == "text":
+    if spec.family == "text":
         return load_text_task(data_dir, protocol=protocol, **common, **reader_kwargs)
-    if key in ("squad", "squad_v2"):
+    if spec.family == "squad":
         return load_squad(data_dir, version_2=key == "squad_v2", protocol=protocol, **common, **reader_kwargs)
-    if key == "image":
-        return load_image_task(data_dir, **common, **reader_kwargs)
-    raise ValueError(f"unknown task {task!r}; allowed tasks: {list(TASKS)}")
+    return load_image_task(data_dir, **common, **reader_kwargs)

@@ -16,7 +16,8 @@ import torch
 
 from capaboost.data.errors import DataError
 from capaboost.data.io import iter_jsonl
-from capaboost.train.protocols import apply_protocol
+from capaboost.data.protocols import apply_protocol
+from capaboost.data.task_specs import task_spec
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss
 TRAIN_FILES = ("train.jsonl",)
@@ -40,9 +41,8 @@ class CausalLMData:
     train: list[CausalLMExample]
     validation: list[CausalLMExample]
     test: list[CausalLMExample]
-    metric_names: tuple[str, ...] = ("perplexity", "exact_match")
-    main_metric: str = "perplexity"
-    greater_is_better: bool = False  # perplexity: lower is better
+    metric_names: tuple[str, ...]  # from the task table (capaboost.data.task_specs)
+    main_metric: str
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
@@ -101,7 +101,9 @@ def load_causal_lm(
             'object per line: {"prompt": ..., "response": ...} or {"text": ...}', data_dir / missing.split()[0])
     train, val, test = apply_protocol(read_causal_lm_jsonl(train_file), read_causal_lm_jsonl(eval_file), protocol,
                                       seed, max_train_samples, max_eval_samples)
-    return CausalLMData(name="causal-lm", train=train, validation=val, test=test)
+    spec = task_spec("causal-lm")
+    return CausalLMData(name=spec.name, train=train, validation=val, test=test, metric_names=spec.metrics,
+                        main_metric=spec.main_metric)
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:

@@ -29,10 +29,10 @@ from pathlib import Path
 from capaboost.data.base import Example, TaskData
 from capaboost.data.errors import DataError
 from capaboost.data.io import column_index, get_field, read_tsv
-from capaboost.train.metrics import metrics_for_task
-from capaboost.train.protocols import apply_protocol, subsample
+from capaboost.data.protocols import apply_protocol, subsample
+from capaboost.data.task_specs import TASK_SPECS, metrics_for_task
 
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
+GLUE_TASKS = tuple(name for name, spec in TASK_SPECS.items() if spec.family == "glue")  # cola ... rte
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from capaboost.data.errors import DataError
-from capaboost.train.metrics import metrics_for_task
-from capaboost.train.protocols import subsample, vtab_split
+from capaboost.data.protocols import subsample, vtab_split
+from capaboost.data.task_specs import metrics_for_task
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 

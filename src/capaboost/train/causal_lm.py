@@ -8,7 +8,7 @@ per-batch or per-example perplexities, so it does not depend on batching or padd
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,7 @@ class CausalLMTask(Task):
 
     model_kind = "causal_lm"
     peft_task_type = "CAUSAL_LM"
-    greater_is_better = False  # the runner's model selection minimises perplexity
+    scores_outputs = False  # perplexity needs the labels and exact match generates: evaluate() does both
 
     def load(self) -> None:
         cfg = self.cfg
@@ -152,10 +152,7 @@ class CausalLMTask(Task):
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return CausalLMCollator(pad_token_id(self.tokenizer))(features)
 
-    def evaluate_model(self, model: torch.nn.Module, split: str) -> dict[str, float]:
-        """Called by the runner on every rank instead of predict + score (generation does not fit them)."""
+    def evaluate(self, model: torch.nn.Module, split: str, outputs: Optional[Callable[[], Any]] = None) -> dict[str, float]:
+        """Perplexity and exact match of ``split`` on every rank; the runner's gathered ``outputs`` are not used."""
         examples = [f["example"] for f in self.eval_splits[split]]
         return evaluate_causal_lm(model, self.tokenizer, examples, self.cfg.max_seq_len, self.cfg.eval_batch_size)
-
-    def score(self, split: str, outputs: dict) -> dict[str, float]:
-        raise NotImplementedError("causal-lm is scored by evaluate_model (perplexity needs labels, EM generation).")

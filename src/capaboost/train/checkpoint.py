@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .run_config import ConfigError
+from .errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKSUMS = "sha256.json"  # in checkpoint/: digests of its tensor files, checked before they are loaded

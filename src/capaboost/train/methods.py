@@ -8,12 +8,15 @@ default targets) with r=8 per copy, d=2, s=0.5; adapters with bottleneck 64; the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from .run_config import ConfigError, RunConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: run_config reads METHODS, so importing it here would close a circle
+    from .run_config import RunConfig
 
 # Names of the task heads that are created fresh, per PEFT task type (PEFT trains/saves these itself).
 HEADS = {"SEQ_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
@@ -175,20 +178,11 @@ def _prefix(cfg: RunConfig, ctx: MethodContext) -> Any:
     )
 
 
-def _import(module: str, name: str, method: str) -> Any:
-    """CapaBoost adapter/prefix configs are optional modules: a clear error until they are installed."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(f"capaboost.{module}"), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"method {method!r} needs capaboost.{module}.{name}, which is not available: {err}") from err
-
-
 def _capaboost_prefix(cfg: RunConfig, ctx: MethodContext) -> Any:
+    from ..prefix import CapaBoostPrefixConfig
+
     _needs_task_type(cfg, ctx)
-    config_cls = _import("prefix", "CapaBoostPrefixConfig", cfg.method)
-    return config_cls(
+    return CapaBoostPrefixConfig(
         num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.prefix_hidden, task_type=ctx.task_type,
         **_masks(cfg),
     )
@@ -196,14 +190,15 @@ def _capaboost_prefix(cfg: RunConfig, ctx: MethodContext) -> Any:
 
 def _adapter(style: str, masked: bool) -> Callable[[RunConfig, MethodContext], Any]:
     def build(cfg: RunConfig, ctx: MethodContext) -> Any:
-        config_cls = _import("adapter", "CapaBoostAdapterConfig", cfg.method)
+        from ..adapter import CapaBoostAdapterConfig
+
         masks = _masks(cfg, plain=not masked)
         if cfg.target_modules:
             raise ConfigError(
                 f"method {cfg.method!r} places adapters by architecture (PAdapter after the FFN); to move them pass "
                 "--adapter-placement JSON, not --target-modules."
             )
-        return config_cls(
+        return CapaBoostAdapterConfig(
             style=style, bottleneck=cfg.bottleneck, adapter_placement=cfg.adapter_placement, **masks,
             **_common(cfg, ctx, targets=False),
         )

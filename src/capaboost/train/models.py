@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .run_config import ConfigError
+from .errors import ConfigError
 
 TIMM_PREFIX = "timm:"
 

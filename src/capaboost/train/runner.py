@@ -46,8 +46,9 @@ from .checkpoint import (
     resolve_dir,
     save_checkpoint,
 )
+from .errors import ConfigError
 from .methods import METHODS, MethodContext, adapter_ranks, apply_method, count_parameters, head_names, is_head
-from .run_config import ConfigError, RunConfig
+from .run_config import RunConfig
 from .task_base import Task
 from .tasks import TASKS
 from .trained import RUN_INFO
@@ -99,6 +100,9 @@ def identity_diff(saved: dict[str, Any], cfg: RunConfig, where: str) -> Optional
     """The --resume refusal when ``cfg``'s options that change what is trained differ from ``saved``, else None."""
     mine = json.loads(json.dumps(cfg.identity(), default=str))
     saved = {k: v for k, v in saved.items() if k not in RunConfig.RUNTIME_ONLY}  # metrics.json's config is full
+    # an option the record lacks was added later: the run had its default (e.g. precision fp32)
+    saved = {**{k: v for k, v in json.loads(json.dumps(RunConfig().identity(), default=str)).items() if k not in saved},
+             **saved}
     diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
     if not diff:
         return None
@@ -111,6 +115,123 @@ def identity_diff(saved: dict[str, Any], cfg: RunConfig, where: str) -> Optional
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1024 + rank
+
+
+def tf32_wanted(capability: Optional[tuple[int, int]], flag: bool) -> Optional[bool]:
+    """Whether TF32 matmuls and convolutions run on a CUDA device of compute ``capability``; None without CUDA.
+
+    TF32 exists from Ampere (compute capability 8.0) on, so it is on there unless ``--no-tf32`` (``flag``
+    False) and off on older GPUs, where it would mean nothing.
+    """
+    if capability is None:
+        return None
+    return bool(flag) and capability[0] >= 8
+
+
+def set_tf32(device: torch.device, flag: bool) -> tuple[Optional[bool], Callable[[], None]]:
+    """Apply :func:`tf32_wanted` on ``device``: (the decision, a function that restores the previous settings)."""
+    if device.type != "cuda":
+        return None, lambda: None
+    wanted = tf32_wanted(torch.cuda.get_device_capability(device), flag)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(wanted)
+
+    def restore() -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+    return wanted, restore
+
+
+def precision_problem(precision: str, device_type: str) -> Optional[str]:
+    """Why ``--precision`` cannot run on a device of ``device_type``, or None."""
+    if precision == "fp16" and device_type != "cuda":
+        return (
+            f"--precision fp16 needs a CUDA GPU (this run's device is {device_type!r}): Accelerate's fp16 mixed "
+            "precision scales the loss with a CUDA GradScaler and elsewhere would silently train in float32. Use "
+            "--precision bf16 (autocast, which also runs on the CPU) or --precision fp32, or run on a CUDA GPU."
+        )
+    return None
+
+
+def make_accelerator(precision: str) -> Any:
+    """``accelerate.Accelerator`` with the run's mixed precision; a ConfigError where that precision cannot run.
+
+    Accelerate keeps one state per process and refuses (or, without an explicit ``mixed_precision``, silently
+    inherits) another precision later on; several runs in one process (sweeps, tests) each get their own.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    kwargs = accelerator_kwargs(precision)  # gloo on CPU-only torchrun launches too
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched not in ("no", kwargs["mixed_precision"]):
+        raise ConfigError(
+            f"the launcher asked for mixed precision {launched!r} (accelerate launch --mixed_precision or "
+            f"ACCELERATE_MIXED_PRECISION) but --precision is {precision!r}: pass --precision {launched} to the run "
+            "instead, or launch without --mixed_precision."
+        )
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != kwargs["mixed_precision"]:
+        AcceleratorState._reset_state()  # keeps the process group (PartialState); only the precision changes
+    accelerator = Accelerator(**kwargs)
+    problem = precision_problem(precision, accelerator.device.type)
+    if problem:
+        forget_precision()
+        raise ConfigError(problem)
+    return accelerator
+
+
+def forget_precision() -> None:
+    """Drop Accelerate's process-wide mixed precision, so that a later plain ``Accelerator()`` in this process
+    (a user's, another library's) does not inherit this run's; the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A CPU batch on ``device``: via pinned memory and an asynchronous copy for CUDA, a plain ``.to`` elsewhere."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a CPU batch (the sum of its attention mask; 0 without one, e.g. images)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else 0
+
+
+PREFIX_METHODS = ("prefix", "capaboost-prefix")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, method: str) -> None:
+    """Non-reentrant gradient checkpointing on the base model (before the method wraps it), or a ConfigError."""
+    if method in PREFIX_METHODS:
+        raise ConfigError(
+            f"--gradient-checkpointing cannot be used with method {method!r}: prefix tuning hands its prefixes to "
+            "the model as a key/value cache, which gradient checkpointing turns off (PEFT refuses the pair); drop "
+            "--gradient-checkpointing or choose another method."
+        )
+    supported = getattr(model, "supports_gradient_checkpointing", False)
+    if not (supported and hasattr(model, "gradient_checkpointing_enable")):
+        raise ConfigError(
+            f"--gradient-checkpointing: the model ({type(model).__name__}) does not support gradient checkpointing "
+            "(only transformers models that declare supports_gradient_checkpointing do); drop the flag."
+        )
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    drop_input_require_grads(model)
+
+
+def drop_input_require_grads(model: torch.nn.Module) -> None:
+    """Remove the hook that makes the embeddings' output require grad (transformers and PEFT add it for
+    reentrant checkpointing). Non-reentrant checkpointing reaches the adapters inside the checkpointed layers
+    without it, and without it the backward stops at the lowest trained module instead of the embeddings."""
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def _schedule(warmup: int, total: int):
@@ -140,7 +261,8 @@ def predict(
         for start in range(0, len(mine), batch_size):
             idx = mine[start : start + batch_size]
             batch = task.collate([features[i] for i in idx])
-            batch = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+            batch = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+            batch = batch_to_device(batch, device)
             out = model(**batch)
             arrays = {k: getattr(out, k).float().cpu().numpy() for k in task.output_keys}
             rows.extend((i, {k: a[j] for k, a in arrays.items()}) for j, i in enumerate(idx))
@@ -164,15 +286,18 @@ class _Session:
     """State of one train() call; methods are the loop's steps."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        from accelerate import Accelerator
-
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.accelerator = Accelerator(**accelerator_kwargs())  # gloo on CPU-only torchrun launches too
+        self.accelerator = make_accelerator(cfg.precision)
         self.main = self.accelerator.is_main_process
         self.start = time.perf_counter()
         self.eval_time = 0.0
         self.eval_examples = 0
+        self.eval_tokens = 0
+        self.tf32: Optional[bool] = None
+        self.restore_tf32: Callable[[], None] = lambda: None
+        self.pending_losses: list[torch.Tensor] = []  # this step's losses, on the device until the next log line
+        self.pending_tokens = 0  # this process's tokens since the last flush
 
     # ---------- files
     def on_main(self, write: Callable[[], None], what: str) -> None:
@@ -324,6 +449,7 @@ class _Session:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.tf32, self.restore_tf32 = set_tf32(acc.device, cfg.tf32)
         self.world, self.rank = acc.num_processes, acc.process_index
         try:  # before anything slow: a batch the processes cannot share evenly is a usage error
             self.per_device = per_rank_batch_size(cfg.batch_size, self.world)
@@ -347,8 +473,13 @@ class _Session:
 
         set_seed(cfg.seed)  # the head's init does not depend on what loading drew
         model = self.task.build_model()
+        base = model
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(base, cfg.method)
         ctx = MethodContext(self.task.peft_task_type, tuple(self.task.head_modules), self.total_steps)
         model = apply_method(cfg, model, ctx)
+        if cfg.gradient_checkpointing:
+            drop_input_require_grads(base)  # PEFT added it again when it wrapped the checkpointed model
         verify_masks_identical(model)  # every rank regenerated the same masks (one all-gather)
         self.trainable_params, self.total_params = count_parameters(model)
         if self.trainable_params == 0:
@@ -393,12 +524,13 @@ class _Session:
         t0 = time.perf_counter()
         features = self.task.eval_splits[split]
         model = self.accelerator.unwrap_model(self.model)
-        if hasattr(self.task, "evaluate_model"):  # tasks that generate (causal-lm) score themselves
-            metrics = self.task.evaluate_model(model, split)
-        else:
-            metrics = self.task.score(split, predict(model, self.task, features, self.cfg.eval_batch_size, self.accelerator))
+        metrics = self.task.evaluate(
+            model, split, lambda: predict(model, self.task, features, self.cfg.eval_batch_size, self.accelerator)
+        )
         self.eval_time += time.perf_counter() - t0
         self.eval_examples += len(features)
+        if self.task.scores_outputs:  # generation's tokens are not the features' tokens
+            self.eval_tokens += sum(int(sum(f["attention_mask"])) for f in features if "attention_mask" in f)
         return metrics
 
     def validate(self) -> None:
@@ -408,7 +540,7 @@ class _Session:
         p["validation"].append(entry)
         LOG.info("step %d validation %s", p["global_step"], _fmt(metrics))
         main = metrics[self.task.main_metric]
-        sign = 1 if getattr(self.task, "greater_is_better", True) else -1  # causal-lm: lower perplexity
+        sign = 1 if self.task.greater_is_better else -1  # causal-lm: lower perplexity
         if self.task.model_selection() and (p["best"] is None or sign * main > sign * p["best"]["value"]):
             p["best"] = {"step": p["global_step"], "value": main}
             self.best_state = self.trainable_state()
@@ -424,13 +556,15 @@ class _Session:
             desc=f"{cfg.method} on {cfg.task}", unit="step", dynamic_ncols=True,
         )
         running = p.setdefault("running_loss", [])  # losses since the last log line, checkpointed too
+        p.setdefault("tokens", 0)
         while p["global_step"] < self.total_steps:
             batches = epoch_batches(len(self.task.train), self.global_batch, cfg.seed, p["epoch"])
             for b in range(p["batch_in_epoch"], len(batches)):
                 t0 = time.perf_counter()
                 idx = batches[b][self.rank * self.per_device : (self.rank + 1) * self.per_device]
                 batch = self.task.collate([self.task.train[i] for i in idx])
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                self.pending_tokens += count_tokens(batch)  # on the CPU batch: no device sync
+                batch = batch_to_device(batch, acc.device)
                 torch.manual_seed(step_seed(cfg.seed, p["global_step"], self.rank))
                 self.model.train()
                 loss = self.model(**batch).loss
@@ -438,23 +572,29 @@ class _Session:
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
-                self.scheduler.step()
+                if not self.optimizer.step_was_skipped:  # fp16: the GradScaler skipped an overflowing step
+                    self.scheduler.step()
                 if cfg.method == "adalora":  # AdaLoRA reallocates its rank budget after every step
                     acc.unwrap_model(self.model).base_model.update_and_allocate(p["global_step"])
                 self.optimizer.zero_grad(set_to_none=True)
                 p["global_step"] += 1
                 p["batch_in_epoch"] = b + 1
                 p["examples"] += len(batches[b])
+                self.pending_losses.append(loss.detach())  # read back at the next log line, not every step
                 p["train_time_s"] += time.perf_counter() - t0
-                running.append(float(acc.reduce(loss.detach(), reduction="mean")))  # all ranks' batch, not rank 0's
                 bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
                 done = p["global_step"] >= self.total_steps
                 epoch_end = b == len(batches) - 1
-                if len(running) == 20 or epoch_end or done:
+                if len(running) + len(self.pending_losses) == 20 or epoch_end or done:
+                    self.flush()
                     p["losses"].append({"step": p["global_step"], "loss": float(np.mean(running))})
                     LOG.info("step %d loss %.4f", p["global_step"], np.mean(running))
+                    bar.set_postfix(loss=f"{np.mean(running):.4f}")
                     running.clear()
+                elif any(n and p["global_step"] % n == 0 for n in (cfg.save_steps, cfg.eval_steps)):
+                    # the checkpoint holds the losses since the last log line as numbers, and the queued steps
+                    # finish inside the training time, not the validation's
+                    self.flush()
                 if epoch_end:
                     p["epoch"] += 1
                     p["batch_in_epoch"] = 0
@@ -468,6 +608,23 @@ class _Session:
                 if done or epoch_end:
                     break
         bar.close()
+
+    def flush(self) -> None:
+        """Read the pending losses and token counts back from the device: all ranks' mean loss per step, the
+        global token count. The one host-device sync of the loop, at log lines and checkpoints; the wait for
+        the queued steps counts as training time."""
+        t0 = time.perf_counter()
+        acc, p = self.accelerator, self.progress
+        if self.pending_losses:  # all ranks' batch, not rank 0's; element-wise, so each step's mean as before
+            p["running_loss"].extend(acc.reduce(torch.stack(self.pending_losses), reduction="mean").tolist())
+            self.pending_losses.clear()
+        tokens = self.pending_tokens
+        if self.world > 1:
+            counts = torch.tensor([tokens], dtype=torch.int64, device=acc.device)
+            tokens = int(acc.reduce(counts, reduction="sum").item())
+        p["tokens"] += tokens
+        self.pending_tokens = 0
+        p["train_time_s"] += time.perf_counter() - t0
 
     def _lap(self) -> float:
         now = time.perf_counter()
@@ -518,7 +675,13 @@ class _Session:
             "wall_time_s": p["wall_time_s"],
             "train_time_s": p["train_time_s"],
             "train_examples_per_s": p["examples"] / p["train_time_s"] if p["train_time_s"] else None,
+            "train_tokens_per_s": p["tokens"] / p["train_time_s"] if p["train_time_s"] and p.get("tokens") else None,
             "eval_examples_per_s": self.eval_examples / self.eval_time if self.eval_time else None,
+            "eval_tokens_per_s": self.eval_tokens / self.eval_time if self.eval_time and self.eval_tokens else None,
+            "precision": cfg.precision,
+            "tf32": self.tf32,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "device": self.accelerator.device.type,
             "config": cfg.to_dict(),
             "versions": versions(),
         }
@@ -576,9 +739,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             "--resume continues the run in --output-dir and --overwrite deletes it: pass only one of them."
         )
     session = _Session(cfg)
-    with ExitStack() as held:  # the folder's lock, held on the main process until the run ends
-        session.on_main(lambda: held.enter_context(folder_lock(session.out)), "the run folder's lock")
-        return _train_locked(session)
+    try:
+        with ExitStack() as held:  # the folder's lock, held on the main process until the run ends
+            session.on_main(lambda: held.enter_context(folder_lock(session.out)), "the run folder's lock")
+            return _train_locked(session)
+    finally:
+        if cfg.precision != "fp32":
+            forget_precision()
 
 
 def _train_locked(session: _Session) -> dict[str, Any]:
@@ -598,6 +765,7 @@ def _train_locked(session: _Session) -> dict[str, Any]:
         session.train_loop()
         return session.finish()
     finally:
+        session.restore_tf32()
         if handler is not None:
             LOG.removeHandler(handler)
             handler.close()

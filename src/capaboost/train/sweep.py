@@ -37,9 +37,10 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from ..data.task_specs import greater_is_better, report_scale
 from .checkpoint import atomic_write_bytes
-from .metrics import greater_is_better, report_scale
-from .run_config import ALIASES, ConfigError, RunConfig, make_config, option_applies, read_config_file
+from .errors import ConfigError
+from .run_config import ALIASES, RunConfig, make_config, option_applies, read_config_file
 
 SWEEP_KEYS = {"output_dir", "base", "tasks", "methods", "grid", "seeds"}
 FINISHED = ("done", "trained")  # statuses whose metrics.json belongs to the sweep as it is now

@@ -2,8 +2,9 @@
 
 A task turns local files into *features* (one dict per training/evaluation example, model inputs
 plus ``labels``), builds the base model with the right head, batches features (``collate``) and
-scores a split from the model's gathered outputs. The runner owns everything else (optimisation,
-distribution, checkpoints), so a new task is one subclass plus one entry in ``tasks.TASKS``.
+scores a split (``evaluate``: by default ``score`` on the model's gathered outputs). The runner owns
+everything else (optimisation, distribution, checkpoints), so a new task is one row in the task table
+(``capaboost.data.task_specs``) and, for a new family, one subclass in ``tasks.TASK_CLASSES``.
 """
 
 from __future__ import annotations
@@ -13,27 +14,32 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..data.task_specs import greater_is_better
 from .checkpoint import atomic_write_bytes
 from .models import build_base_model, load_tokenizer
-from .run_config import RunConfig
+
+if TYPE_CHECKING:  # annotations only: run_config reads the task table, so importing it here would close a circle
+    from .run_config import RunConfig
 
 CACHE_VERSION = 1
 
 
 class Task:
-    """Base class of the runner's tasks. Subclasses set the class attributes and implement ``load``."""
+    """Base class of the runner's tasks. Subclasses set the class attributes and implement ``load`` and
+    ``score`` (or, for tasks that do not score gathered outputs, override ``evaluate``)."""
 
     model_kind: ClassVar[str] = "seq_cls"  # key of models.MODEL_KINDS
     peft_task_type: ClassVar[Optional[str]] = None  # PEFT task_type: makes the head trainable and saved
     head_modules: ClassVar[tuple[str, ...]] = ()  # heads to train when there is no PEFT task_type
     output_keys: ClassVar[tuple[str, ...]] = ("logits",)  # model outputs gathered for scoring
-    needs_data_dir: ClassVar[bool] = True
+    # False: evaluate() scores the model itself (causal-lm generates) instead of scoring the features' outputs
+    scores_outputs: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -56,6 +62,21 @@ class Task:
         raise NotImplementedError
 
     # --- shared defaults
+    def evaluate(
+        self, model: nn.Module, split: str, outputs: Callable[[], dict[str, np.ndarray]]
+    ) -> dict[str, float]:
+        """Metrics of ``split``, called on every process with the unwrapped model.
+
+        ``outputs()`` runs the runner's distributed prediction and returns the gathered ``output_keys``
+        arrays; the default scores them. Tasks with ``scores_outputs = False`` override this and never call it.
+        """
+        return self.score(split, outputs())
+
+    @property
+    def greater_is_better(self) -> bool:
+        """Direction of ``main_metric`` (the task table's metric facts): model selection maximises or minimises it."""
+        return greater_is_better(self.main_metric)
+
     def load_cached(self, build: Callable[[], dict[str, Any]], **key_extra: Any) -> None:
         """Load the tokenizer, then the task's tokenized data from the cache (``build`` runs once per key)."""
         cfg = self.cfg

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import load_task
-from .metrics import compute_metrics
+from ..data.metrics import compute_metrics
 from .models import image_preprocessing
 from .task_base import Task
 

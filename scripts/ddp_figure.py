@@ -3,7 +3,7 @@
 Same global batch (8 = 1 x 8 = 2 x 4), same seed; plots both training-loss curves and prints the test
 metrics. Usage (from the repo root, ~2-4 min on 2 cores):
 
-    PYTHONPATH=src python tests/ddp_figure.py docs/distributed_sst2.png
+    PYTHONPATH=src python scripts/ddp_figure.py docs/distributed_sst2.png
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Evaluation metrics for GLUE, generic classification and SQuAD.
+"""Computing evaluation metrics for GLUE, generic classification and SQuAD (which task reports which
+metrics, and how reports scale them, is the task table's: ``capaboost.data.task_specs``).
 
 Scales follow the Hugging Face ``evaluate`` conventions, since the rest of
 the stack is Hugging Face: GLUE-style metrics are fractions in [0, 1] (as
@@ -13,83 +14,15 @@ import re
 import string
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-
-class TaskMetrics(NamedTuple):
-    """A task's metric names, the one that selects and ranks, and the scale its scores come in."""
-
-    names: list[str]
-    main: str
-    percent: bool = False  # the task's metrics come in [0, 100] already (the official SQuAD scripts' convention)
-
-
-# metric_names, main_metric per task. MRPC/QQP report accuracy and F1 like the
-# GLUE leaderboard; we select on accuracy, the number ProPETL/CapaBoost tables use.
-TASK_METRICS: dict[str, TaskMetrics] = {
-    "cola": TaskMetrics(["matthews_correlation"], "matthews_correlation"),
-    "sst2": TaskMetrics(["accuracy"], "accuracy"),
-    "mrpc": TaskMetrics(["accuracy", "f1"], "accuracy"),
-    "qqp": TaskMetrics(["accuracy", "f1"], "accuracy"),
-    "stsb": TaskMetrics(["pearson", "spearman", "combined"], "combined"),
-    "mnli": TaskMetrics(["accuracy"], "accuracy"),
-    "qnli": TaskMetrics(["accuracy"], "accuracy"),
-    "rte": TaskMetrics(["accuracy"], "accuracy"),
-    "text": TaskMetrics(["accuracy", "macro_f1"], "accuracy"),
-    "image": TaskMetrics(["accuracy"], "accuracy"),
-    "squad": TaskMetrics(["exact_match", "f1"], "f1", percent=True),
-    "squad_v2": TaskMetrics(["exact_match", "f1"], "f1", percent=True),
-}
-
-
-@dataclass(frozen=True)
-class MetricFacts:
-    """What a report needs to know about a metric besides its value."""
-
-    fraction: bool  # in [0, 1] (correlations [-1, 1]): reports show it x100 like the paper's tables
-    greater_is_better: bool = True
-
-
-# The one table of per-metric facts: reports (capaboost.train.sweep) read their scaling and direction here.
-# A metric missing from it is shown as it is: never scaled on a guess.
-METRIC_FACTS: dict[str, MetricFacts] = {
-    **{name: MetricFacts(fraction=True) for name in (
-        "accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearman", "combined", "exact_match")},
-    "loss": MetricFacts(fraction=False, greater_is_better=False),  # causal-lm: mean token NLL
-    "perplexity": MetricFacts(fraction=False, greater_is_better=False),
-}
-
-
-def report_scale(task: str, metric: str) -> float:
-    """Factor a report multiplies ``metric`` of ``task`` by: 100 for fractions, 1 for everything else."""
-    facts = METRIC_FACTS.get(metric)
-    known = TASK_METRICS.get(task.lower())
-    return 100.0 if facts is not None and facts.fraction and not (known and known.percent) else 1.0
-
-
-def greater_is_better(metric: str) -> bool:
-    """Direction of ``metric`` (unknown metrics: higher is better, as for scores)."""
-    facts = METRIC_FACTS.get(metric)
-    return True if facts is None else facts.greater_is_better
-
+from capaboost.data.task_specs import metrics_for_task, task_spec
 
 CLASSIFICATION_METRICS = ("accuracy", "f1", "macro_f1", "matthews_correlation")
 REGRESSION_METRICS = ("pearson", "spearman", "combined")
-SQUAD_METRICS = ("exact_match", "f1")
-
-
-def metrics_for_task(task: str) -> tuple[list[str], str]:
-    """(metric_names, main_metric) for a task name."""
-    try:
-        names, main, _ = TASK_METRICS[task.lower()]
-    except KeyError:
-        raise ValueError(f"no metrics defined for task {task!r}; known: {sorted(TASK_METRICS)}") from None
-    return list(names), main
 
 
 def compute_metrics(
@@ -106,10 +39,9 @@ def compute_metrics(
     unanswerable).
     """
     if isinstance(task_or_metric_names, str):
-        task = task_or_metric_names.lower()
-        if task in ("squad", "squad_v2"):
+        names, _ = metrics_for_task(task_or_metric_names)  # the task table's names (capaboost.data.task_specs)
+        if task_spec(task_or_metric_names).family == "squad":
             return squad_metrics(predictions, references)  # type: ignore[arg-type]
-        names, _ = metrics_for_task(task)
     else:
         names = list(task_or_metric_names)
         if isinstance(predictions, Mapping):
