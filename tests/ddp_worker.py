@@ -83,7 +83,7 @@ def train(ckpt_path: Path | None = None, resume: Path | None = None) -> dict:
 def causal_lm_metrics() -> dict[str, float]:
     """Causal-LM metrics of a tiny GPT-2 on 5 examples (uneven shards on 2 ranks)."""
     from capaboost.data.causal_lm import CausalLMExample
-    from capaboost.train.causal_lm import evaluate_causal_lm
+    from capaboost.train.tasks.causal_lm import evaluate_causal_lm
     from test_causal_lm_data import tiny_gpt2, tiny_tokenizer
 
     examples = [CausalLMExample("what is one plus one", " two"), CausalLMExample("the capital of", " france paris"),

@@ -21,7 +21,7 @@ from capaboost.data.causal_lm import (
     tokenize_example,
 )
 from capaboost.data.errors import DataError
-from capaboost.train.causal_lm import evaluate_causal_lm, exact_match, greedy_generate, perplexity
+from capaboost.train.tasks.causal_lm import evaluate_causal_lm, exact_match, greedy_generate, perplexity
 import helpers
 
 WORDS = "what is one two three four five plus equals the capital of france paris yes no a b c d".split()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from capaboost.cli import main
-from capaboost.train import demo
+from capaboost.train.report import demo
 import helpers
 
 

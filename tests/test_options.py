@@ -174,7 +174,8 @@ def test_config_file_values_are_coerced_by_field_type(tmp_path, capsys):
 def test_runner_honours_optimisation_and_runtime_options(tmp_path, monkeypatch):
     import accelerate
 
-    from capaboost.train import runner
+    from capaboost.train import run as runner
+    from capaboost.train.run import evaluation
 
     seen: dict[str, list] = {"lrs": [], "decay": [], "clip": [], "eval_batch": [], "threads": []}
 
@@ -200,7 +201,7 @@ def test_runner_honours_optimisation_and_runtime_options(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", recording_clip)
-    monkeypatch.setattr(runner, "predict", recording_predict)
+    monkeypatch.setattr(evaluation, "predict", recording_predict)
     monkeypatch.setattr(torch, "set_num_threads", recording_threads)
     bert = helpers.save_tiny_bert(tmp_path / "bert")
     data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
@@ -222,7 +223,7 @@ def test_runner_honours_optimisation_and_runtime_options(tmp_path, monkeypatch):
 def test_max_grad_norm_zero_turns_clipping_off(tmp_path, monkeypatch):
     import accelerate
 
-    from capaboost.train.runner import train
+    from capaboost.train.run import train
 
     calls = []
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", lambda *a, **k: calls.append(a))
@@ -245,7 +246,7 @@ def test_method_options_reach_the_peft_config():
 
 def test_reader_kwargs_reach_the_glue_reader(tmp_path):
     from capaboost.data.errors import DataError
-    from capaboost.train.task_text import TextClassificationTask
+    from capaboost.train.tasks.text import TextClassificationTask
 
     data = Path(helpers.write_glue("sst2", tmp_path / "sst2"))
     lines = (data / "train.tsv").read_text().splitlines()
@@ -266,7 +267,7 @@ def _run(task, tag, seed, test, config=None, main_metric="accuracy"):
 
 
 def test_report_scales_fractions_only():
-    from capaboost.train.sweep import markdown_table, summarize
+    from capaboost.train.report.sweep import markdown_table, summarize
 
     runs = [_run("causal-lm", "lora", 0, {"loss": 2.0, "perplexity": 7.39, "exact_match": 0.5}, None, "perplexity"),
             _run("squad", "lora", 0, {"exact_match": 70.0, "f1": 80.0}, None, "f1"),
@@ -283,7 +284,7 @@ def test_report_scales_fractions_only():
 
 
 def test_report_never_averages_two_settings_that_share_a_tag(tmp_path):
-    from capaboost.train.sweep import summarize, write_report
+    from capaboost.train.report.sweep import summarize, write_report
 
     runs = [_run("sst2", "lora", 0, {"accuracy": 0.8}, {"r": 8, "mask_seed": 0}),
             _run("sst2", "lora", 1, {"accuracy": 0.9}, {"r": 8, "mask_seed": 1}),

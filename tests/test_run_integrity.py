@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from capaboost.cli import main
-from capaboost.train.runner import FAIL_ENV, SimulatedInterruption
+from capaboost.train.run import FAIL_ENV, SimulatedInterruption
 import helpers
 
 T = ["--max-train-samples", "64", "--max-eval-samples", "64", "--max-steps", "8", "--batch-size", "8",
@@ -125,11 +125,11 @@ def test_a_second_run_on_a_locked_folder_fails_at_once_and_a_dead_holder_does_no
 
 
 def test_the_run_holds_its_folder_lock_while_it_trains(env, tmp_path, monkeypatch):
-    from capaboost.train import runner
-    from capaboost.train.checkpoint import RunLockedError, folder_lock
+    from capaboost.train.run import loop
+    from capaboost.train.run_folder.lock import RunLockedError, folder_lock
 
     probed = []
-    train_loop = runner._Session.train_loop
+    train_loop = loop.train_loop
 
     def probing(self):
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
@@ -138,7 +138,7 @@ def test_the_run_holds_its_folder_lock_while_it_trains(env, tmp_path, monkeypatc
         probed.append(self.out)
         train_loop(self)
 
-    monkeypatch.setattr(runner._Session, "train_loop", probing)
+    monkeypatch.setattr(loop, "train_loop", probing)
     assert train(env, tmp_path / "out") == 0
     assert probed == [tmp_path / "out"]
 

@@ -12,7 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 from capaboost.data.errors import DataError
 from capaboost.train.errors import ConfigError
 from capaboost.train.run_config import RunConfig
-from capaboost.train.runner import FAIL_ENV, RunExistsError, SimulatedInterruption, epoch_batches, predict, train
+from capaboost.train.run import FAIL_ENV, RunExistsError, SimulatedInterruption, epoch_batches, predict, train
 from capaboost.train.tasks import TASKS
 from capaboost.train.trained import load_trained
 import helpers

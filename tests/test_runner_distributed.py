@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from capaboost.cli import build_parser, main
-from capaboost.train import checkpoint
+from capaboost.train.run_folder import checkpoint
 from capaboost.train.run_config import make_config
-from capaboost.train.runner import FAIL_ENV
+from capaboost.train.run import FAIL_ENV
 import helpers
 
 FAIL_SAVE_ENV = "TEST_FAIL_CHECKPOINT_WRITE"  # fail the N-th checkpoint write, while writing optimizer.pt
@@ -35,7 +35,7 @@ def inject_save_failure(n: int, patch=setattr) -> None:
             raise OSError(f"injected: disk full while writing checkpoint {n}")
         return real(obj, f, *args, **kwargs)
 
-    patch(checkpoint.torch, "save", save)
+    patch(torch, "save", save)
 
 
 if __name__ == "__main__":  # torchrun entry point (see the module docstring)
@@ -150,7 +150,7 @@ def test_resume_across_world_sizes_through_the_cli(setup, whole, monkeypatch):
     # 1 process, interrupted after step 5 (last checkpoint: step 4, mid-epoch 2); 2 processes finish it
     one_two = root / "one_then_two"
     monkeypatch.setenv(FAIL_ENV, "5")
-    from capaboost.train.runner import SimulatedInterruption
+    from capaboost.train.run import SimulatedInterruption
 
     with pytest.raises(SimulatedInterruption):
         main(_args(setup, one_two))
@@ -182,7 +182,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint_and_resume_completes(setup
             raise OSError("injected: crash between the renames")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     for _ in range(2):  # the 2nd time from checkpoint.old itself: it must survive until a new copy is in place
         with pytest.raises(OSError, match="between the renames"):
             main(_args(setup, out, "--resume"))  # resumes at 3, dies saving step 4

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import helpers
 from capaboost.cli import build_parser, main
-from capaboost.train import runner
+from capaboost.train import run as runner
+from capaboost.train.run import loop, session
 from capaboost.train.errors import ConfigError
 from capaboost.train.run_config import RunConfig, make_config
 
@@ -52,14 +53,14 @@ def _record_step_losses(monkeypatch):
 
 def _hook_model(monkeypatch, hook):
     """Call ``hook(model)`` on the model the runner builds, right after the method wraps it."""
-    apply_method = runner.apply_method
+    apply_method = session.apply_method
 
     def wrapped(cfg, model, ctx):
         model = apply_method(cfg, model, ctx)
         hook(model)
         return model
 
-    monkeypatch.setattr(runner, "apply_method", wrapped)
+    monkeypatch.setattr(session, "apply_method", wrapped)
 
 
 # ---------------------------------------------------------------- --precision
@@ -270,7 +271,7 @@ def test_losses_are_read_back_per_log_line_with_the_same_values_and_tokens_per_s
         return to_device(batch, device)
 
     monkeypatch.setattr(accelerate.Accelerator, "reduce", recording_reduce)
-    monkeypatch.setattr(runner, "batch_to_device", recording_to_device)
+    monkeypatch.setattr(loop, "batch_to_device", recording_to_device)
     losses = _record_step_losses(monkeypatch)
     metrics = _run(tmp_path, bert, cache, "sync", max_steps=25, n_train=200)  # one epoch: 25 steps of 8
     assert len(losses) == 25

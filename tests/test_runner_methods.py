@@ -10,7 +10,7 @@ from capaboost.train.errors import ConfigError
 from capaboost.train.methods import METHODS, MethodContext, apply_method, count_parameters
 from capaboost.train.models import build_base_model
 from capaboost.train.run_config import RunConfig
-from capaboost.train.runner import train
+from capaboost.train.run import train
 from capaboost.train.trained import load_trained
 import helpers
 

@@ -8,7 +8,7 @@ import pytest
 
 from capaboost.cli import main
 from capaboost.train.errors import ConfigError
-from capaboost.train.sweep import expand_sweep, markdown_table, summarize, write_report
+from capaboost.train.report.sweep import expand_sweep, markdown_table, summarize, write_report
 import helpers
 
 

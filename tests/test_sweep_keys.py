@@ -10,7 +10,7 @@ import pytest
 from capaboost.cli import main
 from capaboost.train.errors import ConfigError
 from capaboost.train.run_config import make_config
-from capaboost.train.sweep import expand_sweep, run_sweep
+from capaboost.train.report.sweep import expand_sweep, run_sweep
 
 
 def test_entries_that_differ_only_in_an_option_get_their_own_folders():

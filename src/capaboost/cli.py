@@ -1,7 +1,7 @@
 """``capaboost`` command line: demo, train, sweep, report, rank, export.
 
-Every sub-command is a thin shell over a Python function (``capaboost.train.runner.train``,
-``capaboost.train.sweep.run_sweep``/``write_report``, ``capaboost.train.demo.run_demo``), so
+Every sub-command is a thin shell over a Python function (``capaboost.train.run.train``,
+``capaboost.train.report.sweep.run_sweep``/``write_report``, ``capaboost.train.report.demo.run_demo``), so
 anything the CLI does can be scripted. Bad input exits with status 2 and one ``error:`` line.
 """
 
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from .train.run_config import make_config, read_config_file
-    from .train.runner import train
+    from .train.run.runner import train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     config = make_config(read_config_file(args.config) if args.config else {}, options)
@@ -234,7 +234,7 @@ def _export_target(source: Path, out: Path, overwrite: bool) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export_as_lora
-    from .train.checkpoint import RunFileError, atomic_write_dir
+    from .checkpoint import RunFileError, atomic_write_dir
     from .train.trained import adapter_dir, load_trained
 
     source = adapter_dir(args.checkpoint)
@@ -251,7 +251,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .train.sweep import FINISHED, run_sweep, write_report
+    from .train.report.sweep import FINISHED, run_sweep, write_report
 
     runs = run_sweep(args.config, dry_run=args.dry_run)
     if args.dry_run:
@@ -265,14 +265,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .train.sweep import write_report
+    from .train.report.sweep import write_report
 
     print(write_report(Path(args.dir)))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .train.demo import run_demo
+    from .train.report.demo import run_demo
 
     run_demo(
         output_dir=args.output_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,

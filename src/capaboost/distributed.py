@@ -1,4 +1,4 @@
-"""Data-parallel training helpers: mask agreement, batch arithmetic, rank-0 atomic checkpoints.
+"""Data-parallel training helpers: mask agreement, batch arithmetic, checkpoints for your own DDP script.
 
 CapaBoost needs nothing from DDP/FSDP beyond what any PEFT model needs, because masks are plain
 attributes regenerated from the seed on every rank (never parameters or buffers, so DDP neither
@@ -9,29 +9,24 @@ with one all-gather of a 64-bit hash per rank.
 
 Checkpoints hold the unwrapped model's trainable tensors and a replicated optimizer's state, so a
 run saved with N processes resumes with M (the global batch stays the same; see
-:func:`per_rank_batch_size`).
+:func:`per_rank_batch_size`). They are written by :mod:`capaboost.checkpoint`, as the runner's are:
+from rank 0, atomically, and a failure on rank 0 raises on every rank.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
+from .checkpoint import atomic_replace, on_main_process
+from .ranks import all_ok, collective_device, rank_and_world  # noqa: F401 - also this module's API
 from .tuner import masks_fingerprint
 
 CHECKPOINT_FORMAT = 1
-
-
-def rank_and_world(group: Optional[Any] = None) -> tuple[int, int]:
-    """(rank, world size) in ``group``; (0, 1) when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def launched_world_size() -> int:
@@ -110,13 +105,6 @@ def shard_batch(batch: Mapping[str, torch.Tensor], rank: Optional[int] = None,
     return {k: v[r * n:(r + 1) * n] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def collective_device(group: Optional[Any] = None) -> torch.device:
-    """Where a tensor must live for a collective on ``group``: the current GPU under NCCL, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def verify_masks_identical(model: torch.nn.Module, group: Optional[Any] = None) -> str:
     """Raise RuntimeError unless every rank of ``group`` built the same masks; returns the fingerprint.
 
@@ -154,51 +142,15 @@ def all_reduce_sum(values: list[float], group: Optional[Any] = None) -> list[flo
     return tensor.tolist()
 
 
-def _all_ok(ok: bool, group: Optional[Any]) -> bool:
-    """True iff ``ok`` on every rank (also serves as the barrier after a rank-0 write)."""
-    if rank_and_world(group)[1] == 1:
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag.item()) == 0
-
-
 def atomic_save(write: Callable[[Path], None], path: str | os.PathLike, group: Optional[Any] = None) -> Path:
     """Rank 0 calls ``write(tmp)`` then renames ``tmp`` onto ``path``; every rank returns once it is there.
 
     ``write`` may create a file or a directory (e.g. ``model.save_pretrained``). A crash mid-write leaves
-    only a hidden temporary, never a truncated ``path``. A failure on rank 0 raises on every rank
-    instead of leaving the others waiting at a barrier.
+    the previous ``path`` (or ``path.old``, see :func:`capaboost.checkpoint.atomic_replace`), never a
+    truncated one. A failure on rank 0 raises on every rank instead of leaving the others waiting at a barrier.
     """
-    path = Path(path)
-    rank, _ = rank_and_world(group)
-    error: Optional[BaseException] = None
-    if rank == 0:
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(tmp)
-            if tmp.is_file():
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-            if path.is_dir() and tmp.is_dir():  # a directory cannot be replaced in one rename
-                old = path.parent / f".{path.name}.old-{os.getpid()}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-        except BaseException as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            error = err
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-    if not _all_ok(error is None, group):
-        if error is not None:
-            raise error
-        raise RuntimeError(f"rank 0 failed to write {path}; see its log for the error.")
-    return path
+    on_main_process(lambda: atomic_replace(path, write), str(path), group)
+    return Path(path)
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Causal-LM data: JSONL of ``prompt``/``response`` pairs (loss on the response only) or plain ``text``.
 
 Prompt and response are tokenized separately and concatenated, so the prompt ids seen in training
-are exactly those that :func:`capaboost.train.causal_lm.greedy_generate` continues from; with BPE
+are exactly those that :func:`capaboost.train.tasks.causal_lm.greedy_generate` continues from; with BPE
 tokenizers start the response with the space that separates it from the prompt (``" 4"``). The
 tokenizer's EOS is appended to every response so the model learns where to stop.
 """

@@ -32,6 +32,18 @@ class MethodContext:
     default_targets: tuple[str, ...] = ()
 
 
+def _nothing_after_step(model: nn.Module, step: int) -> None:
+    pass
+
+
+def _no_state(model: nn.Module) -> dict[str, Any]:
+    return {}
+
+
+def _no_state_to_load(model: nn.Module, state: dict[str, Any]) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Method:
     build: Callable[[RunConfig, MethodContext], Any]  # -> a PeftConfig, or None for bitfit/full
@@ -41,6 +53,10 @@ class Method:
     # RunConfig options this builder reads beyond the ones every run reads; given to another method they
     # are refused (run_config.refuse_unused), so a flag never silently does nothing.
     options: frozenset[str] = frozenset()
+    # Hooks for a method that does more than its optimizer step; ``model`` is the unwrapped (PEFT) model.
+    after_step: Callable[[nn.Module, int], None] = _nothing_after_step  # after optimizer.step() of step N
+    state: Callable[[nn.Module], dict[str, Any]] = _no_state  # kept outside parameters/optimizer: checkpointed
+    load_state: Callable[[nn.Module, dict[str, Any]], None] = _no_state_to_load  # what ``state`` returned
 
 
 MASK_OPTIONS = frozenset({"d", "density", "mask_seed", "mask_pattern", "mask_mode"})
@@ -118,6 +134,31 @@ def _adalora(cfg: RunConfig, ctx: MethodContext) -> Any:
         init_r=max(r + 1, round(1.5 * r)), target_r=r, lora_alpha=_alpha(cfg, r), lora_dropout=cfg.dropout,
         total_step=total, tinit=total // 10, tfinal=total // 5, deltaT=max(1, total // 20), **_common(cfg, ctx),
     )
+
+
+# AdaLoRA reallocates its rank budget after every step from importance scores it keeps beside the optimizer;
+# a resumed run needs those scores and the rank pattern they led to.
+ADALORA_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def _adalora_after_step(model: nn.Module, step: int) -> None:
+    model.base_model.update_and_allocate(step)
+
+
+def _adalora_state(model: nn.Module) -> dict[str, Any]:
+    base = model.base_model
+    config = next(iter(base.peft_config.values()))
+    return {"rankallocator": {k: getattr(base.rankallocator, k) for k in ADALORA_SCORES},
+            "rank_pattern": config.rank_pattern}
+
+
+def _adalora_load_state(model: nn.Module, state: dict[str, Any]) -> None:
+    if not state:  # the checkpoint holds no extra.pt
+        return
+    base = model.base_model
+    for key, value in state["rankallocator"].items():
+        setattr(base.rankallocator, key, value)
+    next(iter(base.peft_config.values())).rank_pattern = state["rank_pattern"]
 
 
 def _loha(cfg: RunConfig, ctx: MethodContext) -> Any:
@@ -222,7 +263,8 @@ METHODS: dict[str, Method] = {
     "capaboost-prefix": Method(_capaboost_prefix, 5e-3, "capaboost", "prefix tuning, masked reparameterisation",
                                PREFIX_OPTIONS | MASK_OPTIONS),
     "lora": Method(_lora, 5e-4, "peft", "PEFT LoRA", LORA_OPTIONS),
-    "adalora": Method(_adalora, 5e-4, "peft", "PEFT AdaLoRA (rank budget pruned during training)", LORA_OPTIONS),
+    "adalora": Method(_adalora, 5e-4, "peft", "PEFT AdaLoRA (rank budget pruned during training)", LORA_OPTIONS,
+                      after_step=_adalora_after_step, state=_adalora_state, load_state=_adalora_load_state),
     "loha": Method(_loha, 5e-4, "peft", "PEFT LoHa (Hadamard product of two low-rank pairs)", LORA_OPTIONS),
     "vera": Method(_vera, 4e-3, "peft", "PEFT VeRA (shared random projections, trained scalings)",
                    LORA_OPTIONS - {"alpha"}),

@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from .checkpoint import RunFileError, read_json, verify_checksums
+from ..checkpoint import RunFileError, read_json, verify_checksums
 from .models import build_base_model
 from .errors import ConfigError
 

@@ -6,10 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ..data import load_task
-from ..data.squad import postprocess_predictions, prepare_eval_features, prepare_train_features, references
-from ..data.metrics import compute_metrics
-from .task_base import Task
+from ...data.squad import postprocess_predictions, prepare_eval_features, prepare_train_features, references
+from ...data.metrics import compute_metrics
+from .base import Task
 
 _BOOKKEEPING = ("example_id", "offset_mapping", "cls_index")
 
@@ -39,14 +38,7 @@ class QuestionAnsweringTask(Task):
 
     def _read_and_encode(self) -> dict[str, Any]:
         cfg = self.cfg
-        data = load_task(
-            cfg.task,
-            cfg.data_dir,
-            protocol=cfg.protocol,
-            seed=cfg.seed,
-            max_train_samples=cfg.max_train_samples,
-            max_eval_samples=cfg.max_eval_samples,
-        )
+        data = self.read_task(cfg.task)
         args = (self.tokenizer, cfg.max_seq_len, self.doc_stride)
         train = _rows(prepare_train_features(data.train, *args), ("start_positions", "end_positions"))
         evals, meta = {}, {}

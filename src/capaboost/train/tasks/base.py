@@ -20,12 +20,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data.task_specs import greater_is_better
-from .checkpoint import atomic_write_bytes
-from .models import build_base_model, load_tokenizer
+from ...data import load_task
+from ...data.task_specs import greater_is_better
+from ...checkpoint import atomic_write_bytes
+from ..models import build_base_model, load_tokenizer
 
 if TYPE_CHECKING:  # annotations only: run_config reads the task table, so importing it here would close a circle
-    from .run_config import RunConfig
+    from ..run_config import RunConfig
 
 CACHE_VERSION = 1
 
@@ -93,6 +94,13 @@ class Task:
         }
         self.__dict__.update(cached(cfg, key, build))
 
+    def read_task(self, name: str, **options: Any) -> Any:
+        """Task ``name``'s data through its reader (``data.load_task``), with the run's split protocol, seed and
+        subsample sizes; ``options`` go to the reader."""
+        cfg = self.cfg
+        return load_task(name, cfg.data_dir, protocol=cfg.protocol, seed=cfg.seed,
+                         max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples, **options)
+
     def build_model(self) -> nn.Module:
         return build_base_model(self.model_kind, self.cfg.model, self.num_labels, self.is_regression)
 
@@ -149,7 +157,7 @@ def files_fingerprint(path: Optional[str]) -> list:
 def _code_fingerprint() -> str:
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for src in sorted([*(here.parent / "data").glob("*.py"), *here.glob("task*.py")]):
+    for src in sorted([*(here.parent.parent / "data").glob("*.py"), *here.glob("*.py")]):
         digest.update(src.read_bytes())
     return digest.hexdigest()[:16]
 

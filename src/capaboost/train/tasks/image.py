@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import load_task
-from ..data.metrics import compute_metrics
-from .models import image_preprocessing
-from .task_base import Task
+from ...data import load_task
+from ...data.metrics import compute_metrics
+from ..models import image_preprocessing
+from .base import Task
 
 
 class ImageClassificationTask(Task):

@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from ..data import TaskData, load_rotten_tomatoes, load_task
-from ..data.base import Example
-from ..data.text import rotten_tomatoes_path
-from ..data.metrics import compute_metrics
-from .task_base import Task, files_fingerprint
+from ...data import TaskData, load_rotten_tomatoes
+from ...data.base import Example
+from ...data.text import rotten_tomatoes_path
+from ...data.metrics import compute_metrics
+from .base import Task, files_fingerprint
 
 
 class TextClassificationTask(Task):
@@ -21,15 +21,7 @@ class TextClassificationTask(Task):
 
     def read(self) -> TaskData:
         cfg = self.cfg
-        return load_task(
-            cfg.task,
-            cfg.data_dir,
-            protocol=cfg.protocol,
-            seed=cfg.seed,
-            max_train_samples=cfg.max_train_samples,
-            max_eval_samples=cfg.max_eval_samples,
-            **cfg.reader_kwargs,
-        )
+        return self.read_task(cfg.task, **cfg.reader_kwargs)
 
     def encode(self, examples: list[Example]) -> list[dict]:
         if not examples:
@@ -89,16 +81,7 @@ class GenericTextTask(TextClassificationTask):
         }
 
     def read(self) -> TaskData:
-        cfg = self.cfg
-        return load_task(
-            "text",
-            cfg.data_dir,
-            protocol=cfg.protocol,
-            seed=cfg.seed,
-            max_train_samples=cfg.max_train_samples,
-            max_eval_samples=cfg.max_eval_samples,
-            **self.reader_options(),
-        )
+        return self.read_task("text", **self.reader_options())
 
 
 class RottenTomatoesTask(TextClassificationTask):

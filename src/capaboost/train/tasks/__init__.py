@@ -1,4 +1,4 @@
-"""The runner's task classes: task name -> :class:`~capaboost.train.task_base.Task` subclass.
+"""The runner's task classes: task name -> :class:`~capaboost.train.tasks.base.Task` subclass.
 
 Every fact about a task name (its family, metrics, options, help) is a row of the task table,
 ``capaboost.data.task_specs.TASK_SPECS``; here each family gets its runner class. Adding a task of an
@@ -7,12 +7,12 @@ existing family is one row there; a new family is one row there plus one Task su
 
 from __future__ import annotations
 
-from ..data.task_specs import TASK_SPECS
+from ...data.task_specs import TASK_SPECS
 from .causal_lm import CausalLMTask
-from .task_base import Task
-from .task_image import ImageClassificationTask
-from .task_qa import QuestionAnsweringTask
-from .task_text import GenericTextTask, RottenTomatoesTask, TextClassificationTask
+from .base import Task
+from .image import ImageClassificationTask
+from .qa import QuestionAnsweringTask
+from .text import GenericTextTask, RottenTomatoesTask, TextClassificationTask
 
 # TaskSpec.family -> the runner class that loads, encodes and scores that family's tasks.
 TASK_CLASSES: dict[str, type[Task]] = {

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import atomic_write_bytes
-from .run_config import RunConfig
-from .runner import train
+from ...checkpoint import atomic_write_bytes
+from ..run_config import RunConfig
+from ..run.runner import train
 
 # (label, options); the last run is optional and skipped when it would overrun the time budget
 DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from capaboost.data.causal_lm import (
+from ...data.causal_lm import (
     IGNORE_INDEX,
     CausalLMCollator,
     CausalLMExample,
@@ -22,9 +22,9 @@ from capaboost.data.causal_lm import (
     prompt_ids,
     tokenize_example,
 )
-from capaboost.distributed import all_reduce_sum, rank_and_world
+from ...distributed import all_reduce_sum, rank_and_world
 
-from .task_base import Task
+from .base import Task
 
 
 def _device(model: torch.nn.Module) -> torch.device:

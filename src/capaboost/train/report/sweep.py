@@ -37,10 +37,10 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from ..data.task_specs import greater_is_better, report_scale
-from .checkpoint import atomic_write_bytes
-from .errors import ConfigError
-from .run_config import ALIASES, RunConfig, make_config, option_applies, read_config_file
+from ...data.task_specs import greater_is_better, report_scale
+from ...checkpoint import atomic_write_bytes
+from ..errors import ConfigError
+from ..run_config import ALIASES, RunConfig, make_config, option_applies, read_config_file
 
 SWEEP_KEYS = {"output_dir", "base", "tasks", "methods", "grid", "seeds"}
 FINISHED = ("done", "trained")  # statuses whose metrics.json belongs to the sweep as it is now
@@ -121,7 +121,7 @@ def stale_options(out: Path, options: dict[str, Any]) -> dict[str, tuple[Any, An
 
 def run_sweep(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
     """Run every missing run of the sweep file; returns one status dict per run."""
-    from .runner import train
+    from ..run.runner import train
 
     spec = read_config_file(path)
     runs = expand_sweep(spec)

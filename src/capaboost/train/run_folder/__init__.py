@@ -1,0 +1,1 @@
+"""A run's output folder: its lock, its identity (``run.json``, checked by ``--resume``) and its checkpoint."""
