@@ -177,15 +177,10 @@ class Linear(_Wrapper):
     """CapaBoost-LoRA around ``nn.Linear`` or transformers' ``Conv1D``."""
 
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        a_cat, b_cat = self.cat_factors(adapter)
-        h = F.linear(x, a_cat)  # all d copies: d*r features at once
-        if result.dtype != h.dtype:
-            return result + (F.linear(h, b_cat) * self.scaling[adapter]).to(result.dtype)
-        # one fused GEMM: result + scaling * h @ B_cat^T
-        flat = torch.addmm(
-            result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b_cat.t(), alpha=self.scaling[adapter]
+        # one autograd node: gather, x A_cat^T, then result + scaling * h B_cat^T in one addmm
+        return self.capaboost_pairs[adapter].add_lowrank(
+            result, x, self.cblora_A[adapter], self.cblora_B[adapter], self.scaling[adapter], self.training
         )
-        return flat.view(result.shape)
 
 
 class Conv2d(_Wrapper):
