@@ -48,6 +48,7 @@ LORA_HONOURED = {
     "copies_pattern": "test_allocation.py::test_patterns_set_copies_density_rank_and_reload_bit_identically",
     "density_pattern": "test_allocation.py::test_patterns_set_copies_density_rank_and_reload_bit_identically",
     "r": "test_lora.py::test_rank_is_d_times_r",
+    "scale_by_density": "test_update_scale.py::test_delta_weight_and_layer_output_scale_by_one_over_d_s2",
     "lora_alpha": "test_lora.py::test_d1_s1_equals_peft_lora",
     "lora_dropout": f"{HERE}::test_lora_dropout_acts_in_training_only",
     "target_modules": "test_lora.py::test_target_not_found_and_unsupported_layer",

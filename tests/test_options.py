@@ -59,7 +59,7 @@ SAMPLE = {
     "num_virtual_tokens": 4, "prefix_hidden": 16, "data_dir": ".", "max_seq_len": 64, "doc_stride": 16,
     "text_column": "review", "label_column": "y", "text_pair_column": "b", "drop_labels": ["x"],
     "deduplicate": True, "is_regression": True, "test_fraction": 0.3, "image_size": 16, "train_size": 10,
-    "val_size": 5, "reader_kwargs": {"skip_malformed": True},
+    "val_size": 5, "reader_kwargs": {"skip_malformed": True}, "quantize": "4bit", "scale_by_density": True,
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .data.task_specs import task_help
-from .train.run_config import ALIASES, PRECISIONS, RunConfig
+from .train.run_config import ALIASES, PRECISIONS, QUANTIZE, RunConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every model and dataset is a local file
 
@@ -82,6 +82,10 @@ HELP = {
     "weights stay float32",
     "gradient_checkpointing": "recompute activations in the backward pass (non-reentrant): less memory, same "
     "gradients, ~30%% more compute; transformers models only, not prefix tuning",
+    "quantize": "QLoRA-style frozen base (capaboost-lora, lora): 4bit = bitsandbytes NF4, 8bit = LLM.int8, int8 = "
+    "torchao int8 weight-only; heads stay in float (docs/quantized.md)",
+    "scale_by_density": "capaboost-lora: multiply the scaling by 1/(d*s^2), the expected shrink of the masked update, "
+    "so LoRA's learning rate carries over (docs/reproduction.md)",
     "tf32": "TF32 matmuls/convolutions on CUDA GPUs of compute capability >= 8 (Ampere+), on by default; "
     "--no-tf32 for full float32 (no effect on the CPU; metrics.json records what ran)",
 }
@@ -116,6 +120,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = list(METHODS)
         if field.name == "precision":
             kwargs["choices"] = list(PRECISIONS)
+        if field.name == "quantize":
+            kwargs["choices"] = list(QUANTIZE)
         parser.add_argument(*flags, **kwargs)
 
 
@@ -154,12 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("checkpoint", help="a run's output folder or its adapter/ folder")
     rank.add_argument("--json", action="store_true", help="print JSON")
 
-    export = sub.add_parser("export", help="convert a CapaBoost-LoRA checkpoint to a plain PEFT LoRA adapter")
+    export = sub.add_parser("export", help="convert a checkpoint to a plain PEFT LoRA adapter or a merged "
+                            "transformers model (docs/serving.md)")
     export.add_argument("checkpoint", help="a run's output folder or its adapter/ folder")
-    export.add_argument("--to", choices=["lora"], required=True, help="target format")
-    export.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/adapter-lora); never the run "
-                        "folder itself, a folder holding it, or one of its files")
+    export.add_argument("--to", choices=["lora", "merged"], required=True, help="lora: a stock PEFT LoRA of rank d*r "
+                        "(CapaBoost-LoRA runs), checked against vLLM's LoRA loader; merged: the base model with the "
+                        "adapter folded in, as a plain transformers checkpoint (safetensors, with the tokenizer)")
+    export.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/adapter-lora or "
+                        "CHECKPOINT/merged); never the run folder itself, a folder holding it, or one of its files")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in a non-empty --out")
+    export.add_argument("--check-serving", action="store_true", help="--to lora: exit 1 when vLLM's LoRA loader "
+                        "would refuse the export (the problems are printed either way)")
+    export.add_argument("--max-shard-size", default=None, help="--to merged: largest safetensors shard, e.g. 2GB or "
+                        "500MB (default 5GB); bigger models are split with an index file")
     return parser
 
 
@@ -204,7 +217,7 @@ def _rank(args: argparse.Namespace) -> int:
 RUN_ENTRIES = ("adapter", "adapter.old", "checkpoint", "checkpoint.old", "metrics.json", "train.log", "run.json")
 
 
-def _export_target(source: Path, out: Path, overwrite: bool) -> None:
+def _export_target(source: Path, out: Path, overwrite: bool, marker: str = "adapter_config.json") -> None:
     """Refuse an ``--out`` whose replacement would destroy the run, its adapter or files the user did not export."""
     from .train.errors import ConfigError
 
@@ -225,9 +238,9 @@ def _export_target(source: Path, out: Path, overwrite: bool) -> None:
             raise ConfigError(
                 f"--out {str(out)!r} is not empty; pass --overwrite to replace it or choose another --out."
             )
-        if not (target / "adapter_config.json").is_file():
+        if not (target / marker).is_file():
             raise ConfigError(
-                f"--out {str(out)!r} holds files but no adapter_config.json: --overwrite only replaces an earlier "
+                f"--out {str(out)!r} holds files but no {marker}: --overwrite only replaces an earlier "
                 "export; choose another --out."
             )
 
@@ -235,19 +248,52 @@ def _export_target(source: Path, out: Path, overwrite: bool) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_as_lora
     from .checkpoint import RunFileError, atomic_write_dir
+    from .serving import save_merged, vllm_compatibility
+    from .train.errors import ConfigError
     from .train.trained import adapter_dir, load_trained
 
+    merged = args.to == "merged"
+    if merged and args.check_serving:
+        raise ConfigError("--check-serving checks a LoRA export (--to lora); a merged checkpoint is a plain "
+                          "transformers model that every engine loads.")
+    if not merged and args.max_shard_size is not None:
+        raise ConfigError("--max-shard-size applies to --to merged only.")
+    if merged:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        args.max_shard_size = args.max_shard_size or "5GB"
+
+        try:
+            if convert_file_size_to_int(args.max_shard_size) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--max-shard-size {args.max_shard_size!r} is not a size such as 2GB or 500MB.") from None
     source = adapter_dir(args.checkpoint)
-    out = Path(args.out) if args.out else source.parent / "adapter-lora"
-    _export_target(source, out, args.overwrite)  # before the slow load: a bad --out fails at once
+    out = Path(args.out) if args.out else source.parent / ("merged" if merged else "adapter-lora")
+    # before the slow load: a bad --out fails at once
+    _export_target(source, out, args.overwrite, "config.json" if merged else "adapter_config.json")
     model, info = load_trained(args.checkpoint)
-    lora = export_as_lora(model)
     try:
-        atomic_write_dir(out, lambda tmp: lora.save_pretrained(tmp))
+        if merged:
+            files = []
+            atomic_write_dir(out, lambda tmp: files.extend(save_merged(model, tmp, args.max_shard_size, info["model"])))
+        else:
+            lora = export_as_lora(model)
+            atomic_write_dir(out, lambda tmp: lora.save_pretrained(tmp))
     except OSError as err:
         raise RunFileError(f"cannot write --out {str(out)!r} ({err.strerror or err}); choose another --out.") from None
+    if merged:
+        shards = sum(name.endswith(".safetensors") for name in files)
+        print(f"wrote a merged transformers checkpoint ({shards} safetensors file{'s' if shards > 1 else ''}"
+              f"{', with the tokenizer' if any(n.startswith('tokenizer') for n in files) else ''}) to {out}")
+        return 0
     print(f"wrote a plain PEFT LoRA adapter (rank {lora.peft_config['default'].r}) to {out}")
-    return 0
+    problems = vllm_compatibility(out)
+    for problem in problems:
+        print(f"vLLM: {problem}", file=sys.stderr)
+    if not problems:
+        print("vLLM: no problems found for its LoRA loader (rank, bias, modules_to_save, tensor names, dtypes)")
+    return 1 if problems and args.check_serving else 0
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
     """A plain PEFT LoRA of rank d*r (per module) with the same outputs, for stock PEFT and LoRA tooling.
 
     The LoRA factors are exactly A_cat and B_cat (no re-factorisation: the masks stay visible), and
-    ``lora_alpha = d * alpha`` keeps the scaling alpha / r. Like ``merge_and_unload`` this converts IN
+    ``lora_alpha = d * alpha`` keeps the scaling alpha / r (alpha: the layer's, which includes the
+    ``scale_by_density`` factor 1 / (d*s^2) when that option is on). Like ``merge_and_unload`` this converts IN
     PLACE: ``model`` is unloaded (all its adapters removed) and must not be used afterwards; the
     returned model wraps the same base model.
     """

@@ -23,7 +23,7 @@ class MetricFacts:
     greater_is_better: bool = True
 
 
-# The one table of per-metric facts: reports (capaboost.train.sweep) read their scaling and direction here.
+# The one table of per-metric facts: reports (capaboost.train.report.sweep) read their scaling and direction here.
 # A metric missing from it is shown as it is: never scaled on a guess.
 METRIC_FACTS: dict[str, MetricFacts] = {
     **{name: MetricFacts(fraction=True) for name in (

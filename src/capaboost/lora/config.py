@@ -72,6 +72,15 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Module regex -> r."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Module regex -> lora_alpha."})
     use_dora: bool = field(default=False, metadata={"help": "Not supported; must stay False."})
+    scale_by_density: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide each module's scaling by the mean number of copies that keep a term of B A (d*s^2; "
+            "d for mask_mode='dropout', whose masks are already rescaled by 1/s), so the update has LoRA's size "
+            "and LoRA's learning rate carries over. False (the paper's eq. 4, and any adapter_config.json "
+            "written without this field): scaling = lora_alpha / r."
+        },
+    )
     # LORA_ONLY_OPTIONS: refused unless left at PEFT's default (see there for what to use instead).
     use_rslora: bool = False
     megatron_config: Optional[dict] = None
@@ -119,6 +128,8 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
         for name, value in [("r", self.r), *[(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()]]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if not isinstance(self.scale_by_density, bool):
+            raise ValueError(f"scale_by_density must be True or False, got {self.scale_by_density!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "cblora_only"):
@@ -147,3 +158,17 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
         r = self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), key), self.r)
         alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), key), self.lora_alpha)
         return r, alpha
+
+    def update_scale(self, key: Optional[str]) -> float:
+        """Factor on module ``key``'s scaling: 1, or with ``scale_by_density`` 1 / (mean copies keeping a term).
+
+        Each copy keeps a term B[o, k] A[k, i] of B A with probability s^2 (both masks), so the masked sum
+        Σ_i (B⊙m_Bi)(A⊙m_Ai) averages d*s^2 * B A: half of a rank-r LoRA's B A at d=2, s=0.5. 'dropout' masks
+        are rescaled by 1/s each, which leaves d. Honours copies_pattern/density_pattern (``key``: the module
+        name; None: the global d and s).
+        """
+        if not self.scale_by_density:
+            return 1.0
+        spec = self.mask_spec(key)
+        mean_copies = spec.num_copies if spec.mode == "dropout" else spec.num_copies * spec.density**2
+        return 1.0 / mean_copies

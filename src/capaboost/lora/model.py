@@ -11,6 +11,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ..tuner import MaskCheckMixin, base_module_name
 from .config import CapaBoostLoraConfig
 from .layer import CapaBoostLoraLayer, create_module
+from .quantized import dispatch_quantized
 
 class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
     """Injects :class:`CapaBoostLoraLayer` into a model; used through ``peft.get_peft_model``."""
@@ -46,6 +47,7 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
         if current_key is None:
             raise ValueError("current_key must not be None")
         r, alpha = config.rank_and_alpha(current_key)
+        alpha = alpha * config.update_scale(current_key)  # scale_by_density: the layer's scaling is alpha / r
         kwargs = dict(
             r=r,
             lora_alpha=alpha,
@@ -56,7 +58,11 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
         if isinstance(target, CapaBoostLoraLayer):
             target.update_layer(adapter_name, **kwargs)
             return
-        new_module = create_module(target, adapter_name, base_module_name(current_key), config, **kwargs)
+        name = base_module_name(current_key)
+        # quantized bases first: bitsandbytes layers subclass nn.Linear, whose merge would write into packed storage
+        new_module = dispatch_quantized(target, adapter_name, name, config, **kwargs)
+        if new_module is None:
+            new_module = create_module(target, adapter_name, name, config, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)

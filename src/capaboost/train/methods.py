@@ -113,7 +113,7 @@ def _capaboost_lora(cfg: RunConfig, ctx: MethodContext) -> Any:
 
     r = _rank(cfg, 8)
     return CapaBoostLoraConfig(
-        r=r, lora_alpha=_alpha(cfg, r), lora_dropout=cfg.dropout,
+        r=r, lora_alpha=_alpha(cfg, r), lora_dropout=cfg.dropout, scale_by_density=cfg.scale_by_density,
         **_masks(cfg), **_common(cfg, ctx),
     )
 
@@ -252,8 +252,9 @@ def _native(cfg: RunConfig, ctx: MethodContext) -> None:
 
 
 METHODS: dict[str, Method] = {
-    "capaboost-lora": Method(_capaboost_lora, 5e-4, "capaboost", "LoRA, d masked copies of one (A, B)",
-                             LORA_OPTIONS | MASK_OPTIONS),
+    # lr 1e-3: its update is ~d*s^2 = 0.5 of LoRA's (docs/reproduction.md); 2x LoRA's lr was its best on CoLA
+    "capaboost-lora": Method(_capaboost_lora, 1e-3, "capaboost", "LoRA, d masked copies of one (A, B)",
+                             LORA_OPTIONS | MASK_OPTIONS | {"scale_by_density", "quantize"}),
     "capaboost-padapter": Method(_adapter("pfeiffer", True), 1e-3, "capaboost", "Pfeiffer adapter, d masked copies",
                                  ADAPTER_OPTIONS | MASK_OPTIONS),
     "capaboost-hadapter": Method(_adapter("houlsby", True), 1e-3, "capaboost", "Houlsby adapter, d masked copies",
@@ -262,7 +263,7 @@ METHODS: dict[str, Method] = {
                                  ADAPTER_OPTIONS | MASK_OPTIONS),
     "capaboost-prefix": Method(_capaboost_prefix, 5e-3, "capaboost", "prefix tuning, masked reparameterisation",
                                PREFIX_OPTIONS | MASK_OPTIONS),
-    "lora": Method(_lora, 5e-4, "peft", "PEFT LoRA", LORA_OPTIONS),
+    "lora": Method(_lora, 5e-4, "peft", "PEFT LoRA", LORA_OPTIONS | {"quantize"}),
     "adalora": Method(_adalora, 5e-4, "peft", "PEFT AdaLoRA (rank budget pruned during training)", LORA_OPTIONS,
                       after_step=_adalora_after_step, state=_adalora_state, load_state=_adalora_load_state),
     "loha": Method(_loha, 5e-4, "peft", "PEFT LoHa (Hadamard product of two low-rank pairs)", LORA_OPTIONS),

@@ -38,6 +38,7 @@ def default_model_path() -> str:
 
 
 MASK_MODES = ("diff", "same", "dropout")
+QUANTIZE = ("4bit", "8bit", "int8")  # --quantize: bitsandbytes NF4, LLM.int8, torchao int8 weight-only
 PRECISIONS = ("fp32", "bf16", "fp16")  # --precision: Accelerate mixed precision (autocast; weights stay float32)
 
 
@@ -107,6 +108,8 @@ class RunConfig:
     progress: bool = True
     cache_dir: Optional[str] = None
     precision: str = "fp32"
+    quantize: Optional[str] = None
+    scale_by_density: bool = False
     gradient_checkpointing: bool = False
     tf32: bool = True
 
@@ -177,6 +180,8 @@ class RunConfig:
             raise ConfigError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}.")
         if self.mask_pattern != "random" and not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", str(self.mask_pattern)):
             raise ConfigError(f"--mask-pattern must be 'random' or 'N:M' (e.g. '2:4'), got {self.mask_pattern!r}.")
 

@@ -127,6 +127,10 @@ class Session:
         """The task's model wrapped by the method (gradient checkpointing first, when asked for)."""
         cfg = self.cfg
         model = base = self.task.build_model()
+        if cfg.quantize:  # QLoRA-style: frozen base in 4/8 bit, the adapter in float
+            from ...lora.quantized import quantize_base
+
+            quantize_base(base, "nf4" if cfg.quantize == "4bit" else cfg.quantize)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(base, cfg.method)
         self.context = MethodContext(self.task.peft_task_type, tuple(self.task.head_modules), self.total_steps)
