@@ -56,3 +56,13 @@ def test_install_is_idempotent():
     before = peft_model.PeftModelForSequenceClassification._prefix_tuning_forward
     compat.install()
     assert peft_model.PeftModelForSequenceClassification._prefix_tuning_forward is before
+
+
+def test_import_is_silent_with_torchao_installed():
+    """torchao (locked, for --quantize int8) logs CUDA-kernel load failures on a CPU unless imported quietly."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchao", reason="torchao is in requirements.lock; absent only outside the lock")
+    res = subprocess.run([sys.executable, "-c", "import capaboost"], capture_output=True, text=True, check=True)
+    assert res.stderr == ""

@@ -5,10 +5,14 @@
 """
 
 from . import compat
+
+compat.import_torchao_quietly()  # before peft/transformers import it (noisy on a CPU)
+
 from .accounting import delta_ranks, parameter_counts
 from .adapter import CapaBoostAdapterConfig, CapaBoostAdapterModel
 from .export import export_as_lora, export_as_prefix
 from .lora import CapaBoostLoraConfig, CapaBoostLoraModel
+from .lora.hotswap import hotswap_adapter
 from .masks import GENERATOR_VERSION, MaskSpec
 from .prefix import CapaBoostPrefixConfig
 
@@ -27,5 +31,6 @@ __all__ = [
     "delta_ranks",
     "export_as_lora",
     "export_as_prefix",
+    "hotswap_adapter",
     "parameter_counts",
 ]

@@ -11,11 +11,12 @@ whose ``forward`` carries the old name, forwarding the prefix as ``cache``.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
+import logging
 from typing import Any, Callable
 
 import torch.nn as nn
-from peft import peft_model
 
 #: PEFT task models whose prefix path inspects the backbone's signature.
 _PREFIX_TASK_MODELS = (
@@ -55,8 +56,33 @@ def _with_cache_rename(prefix_forward: Callable[..., Any]) -> Callable[..., Any]
     return forward
 
 
+def import_torchao_quietly() -> None:
+    """Import torchao (if installed) with its load-time warnings at ERROR level, then restore them.
+
+    transformers imports torchao whenever it is installed; on a CPU, or a Python other than the wheel's, torchao
+    logs a "Failed to load" line per CUDA kernel library and torch's pytree logs deprecations: noise on every
+    command, none of it about what runs. Importing it first, quietly, leaves later imports silent.
+    """
+    if importlib.util.find_spec("torchao") is None:
+        return
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization  # noqa: F401  (what transformers imports: the noisy parts)
+        import torchao.prototype.safetensors.safetensors_support  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken torchao only matters to --quantize int8, which says so
+        pass
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
 def install() -> None:
     """Patch PEFT's prefix path once (idempotent); a no-op on models that still name the argument."""
+    from peft import peft_model
+
     for name in _PREFIX_TASK_MODELS:
         cls = getattr(peft_model, name)
         if not getattr(cls._prefix_tuning_forward, "capaboost_compat", False):
