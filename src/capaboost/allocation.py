@@ -45,9 +45,9 @@ def _pattern_matches(pattern: str, name: str) -> bool:
 
 
 def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return module.groups == 1
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, (nn.Linear, Conv1D, nn.Embedding))
 
 
 def check_patterns(base_model: nn.Module, config: CapaBoostLoraConfig, adapted: Sequence[str]) -> None:
@@ -66,7 +66,8 @@ def check_patterns(base_model: nn.Module, config: CapaBoostLoraConfig, adapted: 
             if bad:
                 raise AllocationError(
                     f"{field_name} key {key!r} names {', '.join(bad[:3])}, which CapaBoost-LoRA cannot adapt "
-                    "(supported: nn.Linear, transformers' Conv1D, nn.Conv2d with groups=1); remove the key."
+                    "(supported: nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d/2d/3d with groups=1); "
+                    "remove the key."
                 )
             hint = f"it matches {named[:3]}, which are not in target_modules" if named else "it matches no module"
             raise AllocationError(

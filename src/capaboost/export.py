@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .lora.config import CapaBoostLoraConfig
-from .lora.layer import CapaBoostLoraLayer
+from .lora.layer import CapaBoostLoraLayer, Embedding
 
 
 def _training_flags(model: torch.nn.Module) -> dict[str, bool]:
@@ -24,6 +24,14 @@ def _restore_training_flags(model: torch.nn.Module, flags: dict[str, bool]) -> N
         if name not in flags:
             flags[name] = flags[name.rpartition(".")[0]]
         module.training = flags[name]
+
+
+def _lora_keys(module: CapaBoostLoraLayer) -> tuple[str, str]:
+    """PEFT LoRA's state-dict names of the A and B factors of a layer type: an Embedding keeps them as bare
+    parameters (``lora_embedding_A``: r x num_embeddings, ``lora_embedding_B``: dim x r), the rest as modules."""
+    if isinstance(module, Embedding):
+        return "lora_embedding_A", "lora_embedding_B"
+    return "lora_A.weight", "lora_B.weight"
 
 
 def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel:
@@ -54,8 +62,9 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
                 continue
             name, d = module.capaboost_name, module.capaboost_pairs[adapter_name].spec.num_copies
             a_cat, b_cat = module.lora_weights(adapter_name)
-            lora_state[f"base_model.model.{name}.lora_A.weight"] = a_cat.detach().clone()
-            lora_state[f"base_model.model.{name}.lora_B.weight"] = b_cat.detach().clone()
+            key_a, key_b = _lora_keys(module)
+            lora_state[f"base_model.model.{name}.{key_a}"] = a_cat.detach().clone()
+            lora_state[f"base_model.model.{name}.{key_b}"] = b_cat.detach().clone()
             ranks[name], alphas[name] = d * module.r[adapter_name], d * module.lora_alpha[adapter_name]
     if not ranks:
         raise ValueError(f"adapter {adapter_name!r} has no CapaBoost-LoRA layers to export.")

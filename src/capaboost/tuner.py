@@ -16,7 +16,8 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_m
 
 def mixed_batch_error() -> NotImplementedError:
     return NotImplementedError(
-        "CapaBoost does not support mixed-adapter batches (adapter_names=...); call set_adapter() per batch instead."
+        "CapaBoost bottleneck adapters (CapaBoostAdapterConfig) do not support mixed-adapter batches "
+        "(adapter_names=...); call set_adapter() per batch instead. CapaBoost-LoRA models support them."
     )
 
 
@@ -38,7 +39,8 @@ def base_module_name(key: str) -> str:
 
 class MaskCheckMixin:
     """Hooks shared by CapaBoost tuners: record the masks' fingerprint on save, refuse a mismatch on load,
-    and refuse PEFT's mixed-adapter batches (which PEFT would otherwise silently ignore for us)."""
+    and refuse PEFT's mixed-adapter batches (which PEFT would otherwise silently ignore for us); a tuner that
+    implements them (CapaBoost-LoRA) overrides ``_enable_peft_forward_hooks``."""
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):

@@ -125,6 +125,32 @@ class CapaBoostLoraLayer(BaseTunerLayer):
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
 
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Row i of the batch uses adapter ``adapter_names[i]`` ("__base__": none), as PEFT LoRA's mixed batches.
+
+        The base layer runs once on the whole batch; each adapter adds its ΔW x to its own rows only.
+        """
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows at "
+                f"{self.capaboost_name!r}; pass one adapter name per row."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass adapter_names while adapters are merged into the base weights; call "
+                "model.unmerge_adapter() first."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in sorted(set(adapter_names)):
+            if adapter == "__base__" or adapter not in self.cblora_A:
+                continue
+            rows = torch.tensor([i for i, name in enumerate(adapter_names) if name == adapter], device=x.device)
+            x_in = self.lora_dropout[adapter](self._cast_input_dtype(x[rows], self.cblora_A[adapter].dtype))
+            result[rows] = self._add_delta(result[rows], x_in, adapter).to(result.dtype)
+        return result
+
 
 class _Wrapper(nn.Module, CapaBoostLoraLayer):
     """Construction and forward skeleton shared by the wrapped layer types; each adds its own ΔW x."""
@@ -156,8 +182,9 @@ class _Wrapper(nn.Module, CapaBoostLoraLayer):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise mixed_batch_error()
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters and self.merged:
             self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
@@ -183,59 +210,133 @@ class Linear(_Wrapper):
         )
 
 
-class Conv2d(_Wrapper):
-    """CapaBoost-LoRA around ``nn.Conv2d``, as PEFT's LoRA: A is a conv with the base kernel, B a 1x1 conv.
+class _ConvNd(_Wrapper):
+    """CapaBoost-LoRA around a groups=1 ``nn.Conv{1,2,3}d``, as PEFT's LoRA: A is a conv with the base kernel, B a
+    pointwise conv.
 
-    A is masked as an (r, in_channels*kh*kw) matrix (N:M groups run along that flattened input), B as
-    (out_channels, r). The d copies run as ONE conv with d*r output channels and one 1x1 conv, and
+    A is masked as an (r, in_channels*prod(kernel)) matrix (N:M groups run along that flattened input), B as
+    (out_channels, r). The d copies run as ONE conv with d*r output channels and one pointwise conv, and
     B_cat @ A_cat reshaped to the kernel is ΔW exactly, so merging is exact.
     """
 
+    conv_type: type = nn.Conv2d
+    conv_fn = staticmethod(F.conv2d)
+
     def _check_base_layer(self) -> None:
-        conv, name = self.get_base_layer(), self.capaboost_name
+        conv, name, kind = self.get_base_layer(), self.capaboost_name, self.conv_type.__name__
         if conv.groups != 1:
             raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {name!r}: it is a grouped/depthwise Conv2d (groups="
-                f"{conv.groups}), whose ΔW is not one low-rank matrix. Target only convs with groups=1 (e.g. "
-                "pointwise 1x1 convs), or exclude it with exclude_modules."
+                f"CapaBoost-LoRA cannot adapt {name!r}: it is a grouped/depthwise {kind} (groups={conv.groups}), whose "
+                "ΔW is not one low-rank matrix (PEFT's LoRA adapts it with a grouped B that cannot be merged). Target "
+                "only convs with groups=1 (e.g. pointwise convs), or exclude it with exclude_modules."
             )
-        pointwise = tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
-        if type(conv).forward is not nn.Conv2d.forward and not pointwise:
+        pointwise = all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+        if type(conv).forward is not self.conv_type.forward and not pointwise:
             raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {name!r}: {type(conv).__name__} overrides Conv2d.forward "
+                f"CapaBoost-LoRA cannot adapt {name!r}: {type(conv).__name__} overrides {kind}.forward "
                 "(e.g. timm's Conv2dSame pads dynamically), so the adapter conv could not reproduce its padding. "
                 "Only its 1x1/stride-1 convs can be targeted; exclude it with exclude_modules."
             )
         if conv.padding_mode != "zeros":
             raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {name!r}: Conv2d padding_mode={conv.padding_mode!r} is not "
+                f"CapaBoost-LoRA cannot adapt {name!r}: {kind} padding_mode={conv.padding_mode!r} is not "
                 "supported (only 'zeros'); exclude it with exclude_modules."
             )
 
     @property
     def factor_in_features(self) -> int:
         conv = self.get_base_layer()
-        return conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        return conv.in_channels * math.prod(conv.kernel_size)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         return super().get_delta_weight(adapter).reshape(self.get_base_layer().weight.shape)
 
     def lora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         conv = self.get_base_layer()
-        if tuple(conv.dilation) != (1, 1):
+        if any(d != 1 for d in conv.dilation):
             raise ValueError(
-                f"cannot export {self.capaboost_name!r} as PEFT LoRA: its Conv2d has dilation={conv.dilation}, which "
-                "PEFT's LoRA conv ignores (it would change the outputs). Merge it instead (merge_and_unload)."
+                f"cannot export {self.capaboost_name!r} as PEFT LoRA: its {self.conv_type.__name__} has dilation="
+                f"{conv.dilation}, which PEFT's LoRA conv ignores (it would change the outputs). Merge it instead "
+                "(merge_and_unload)."
             )
         a_cat, b_cat = super().lora_weights(adapter)
-        return a_cat.reshape(a_cat.shape[0], *conv.weight.shape[1:]), b_cat[:, :, None, None]
+        return a_cat.reshape(a_cat.shape[0], *conv.weight.shape[1:]), self._pointwise(b_cat)
+
+    def _pointwise(self, b_cat: torch.Tensor) -> torch.Tensor:
+        """B_cat (out x d*r) as the weight of a pointwise conv of the base's dimensionality."""
+        return b_cat.reshape(*b_cat.shape, *(1,) * len(self.get_base_layer().kernel_size))
 
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         conv = self.get_base_layer()
         a_cat, b_cat = self.cat_factors(adapter)
         kernel = a_cat.reshape(a_cat.shape[0], conv.in_channels, *conv.kernel_size)
-        h = F.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)  # d*r channels at once
-        return result + (F.conv2d(h, b_cat[:, :, None, None]) * self.scaling[adapter]).to(result.dtype)
+        h = self.conv_fn(x, kernel, None, conv.stride, conv.padding, conv.dilation)  # d*r channels at once
+        return result + (self.conv_fn(h, self._pointwise(b_cat)) * self.scaling[adapter]).to(result.dtype)
+
+
+class Conv1d(_ConvNd):
+    """CapaBoost-LoRA around ``nn.Conv1d`` (groups=1); see :class:`_ConvNd`."""
+
+    conv_type = nn.Conv1d
+    conv_fn = staticmethod(F.conv1d)
+
+
+class Conv2d(_ConvNd):
+    """CapaBoost-LoRA around ``nn.Conv2d`` (groups=1); see :class:`_ConvNd`."""
+
+    conv_type = nn.Conv2d
+    conv_fn = staticmethod(F.conv2d)
+
+
+class Conv3d(_ConvNd):
+    """CapaBoost-LoRA around ``nn.Conv3d`` (groups=1); see :class:`_ConvNd`."""
+
+    conv_type = nn.Conv3d
+    conv_fn = staticmethod(F.conv3d)
+
+
+class Embedding(_Wrapper):
+    """CapaBoost-LoRA around ``nn.Embedding``, as PEFT's LoRA Embedding.
+
+    A (r x num_embeddings) is looked up by the token ids, B is (embedding_dim x r): the delta is
+    ``embedding(x, A_catᵀ) B_catᵀ * scaling`` for all d copies at once, and ΔW = (B_cat A_cat)ᵀ, so merging
+    is exact. As PEFT: A starts at 0 and B ~ N(0, 1) (both N(0, 1) with init_lora_weights=False), token ids are
+    neither cast nor dropped out (lora_dropout does not apply), and an ``embed_scale`` of the base scales the delta.
+    """
+
+    def _check_base_layer(self) -> None:
+        emb = self.get_base_layer()
+        if emb.max_norm is not None:
+            raise ValueError(
+                f"CapaBoost-LoRA cannot adapt {self.capaboost_name!r}: its Embedding has max_norm={emb.max_norm}, "
+                "which renormalises the looked-up rows in place, so neither the adapter lookup nor a merge could "
+                "reproduce it; exclude it with exclude_modules."
+            )
+
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, spec: MaskSpec,
+        init_lora_weights: bool = True,
+    ) -> None:
+        super().update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights)
+        with torch.no_grad():  # the packed values are a subset of a dense init: drawing them directly is the same
+            packed_a, packed_b = self.cblora_A[adapter_name], self.cblora_B[adapter_name]
+            packed_a.zero_() if init_lora_weights else nn.init.normal_(packed_a)
+            nn.init.normal_(packed_b)
+        self.lora_dropout[adapter_name] = nn.Identity()
+
+    def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x  # token ids stay integers
+
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        emb = self.get_base_layer()
+        a_cat, b_cat = self.cat_factors(adapter)
+        # dense gradients: the gathered A_cat is no leaf, so a sparse gradient could not reach the packed values
+        h = F.embedding(x, a_cat.t(), emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, False)
+        delta = (h @ b_cat.t()) * self.scaling[adapter]
+        embed_scale = self._get_embed_scale()
+        if embed_scale is not None:
+            delta = delta * embed_scale.to(delta.dtype)
+        return result + delta.to(result.dtype)
 
 
 def create_module(
@@ -249,10 +350,14 @@ def create_module(
         return Linear(target, adapter_name, capaboost_name, fan_in_fan_out=False, **layer_kwargs)
     if isinstance(base, Conv1D):
         return Linear(target, adapter_name, capaboost_name, fan_in_fan_out=True, **layer_kwargs)
-    if isinstance(base, nn.Conv2d):
-        return Conv2d(target, adapter_name, capaboost_name, **layer_kwargs)
+    if isinstance(base, nn.Embedding):
+        return Embedding(target, adapter_name, capaboost_name, fan_in_fan_out=True, **layer_kwargs)  # W: in x out
+    for conv_class in (Conv1d, Conv2d, Conv3d):
+        if isinstance(base, conv_class.conv_type):
+            return conv_class(target, adapter_name, capaboost_name, **layer_kwargs)
     raise ValueError(
         f"CapaBoost-LoRA cannot adapt {capaboost_name!r} of type {type(base).__module__}.{type(base).__name__}: "
-        "supported layer types are torch.nn.Linear, transformers' Conv1D and torch.nn.Conv2d (groups=1). "
+        "supported layer types are torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding and "
+        "torch.nn.Conv1d/Conv2d/Conv3d (groups=1). "
         "Remove it from target_modules (or exclude it with exclude_modules)."
     )

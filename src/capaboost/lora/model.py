@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
+from peft.tuners.lora.model import _adapter_names_pre_forward_hook, _get_encoder
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ..tuner import MaskCheckMixin, base_module_name
@@ -67,8 +71,82 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
-    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "add_weighted_adapter is not defined for CapaBoost-LoRA (a weighted sum of masked factors is not a "
-            "CapaBoost adapter). Convert with capaboost.export_as_lora(model) and use LoRA's add_weighted_adapter."
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Mixed-adapter batches, as PEFT's LoraModel: ``adapter_names`` reaches every CapaBoost layer (and every
+        ``modules_to_save`` copy) through a forward pre-hook for the duration of the call (forward or generate)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise NotImplementedError(
+                "mixed-adapter batches (adapter_names=...) are inference-only, as in PEFT LoRA: the model is in "
+                "training mode; call model.eval() first (or set_adapter() per batch to train)."
+            )
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+        known = set()
+        for module in self.modules():
+            if isinstance(module, CapaBoostLoraLayer):
+                known |= set(module.cblora_A.keys())
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        if any(getattr(m, "merged", False) for m in self.modules() if isinstance(m, CapaBoostLoraLayer)):
+            raise ValueError(
+                "Cannot pass adapter_names while adapters are merged into the base weights; call "
+                "model.unmerge_adapter() first."
+            )
+        original = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each row num_beams times
+            adapter_names = [name for name in original for _ in range(num_beams)]
+        handles = []
+        hooked = (CapaBoostLoraLayer, AuxiliaryTrainingWrapper)
+        for module in self.modules():
+            if isinstance(module, hooked):
+                hook = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        encoder = _get_encoder(self.model)
+        if len(adapter_names) != len(original) and encoder is not None:
+            for module in encoder.modules():  # the encoder sees the rows before beam expansion
+                if isinstance(module, hooked):
+                    hook = partial(_adapter_names_pre_forward_hook, adapter_names=original)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **kwargs: Any
+    ) -> None:
+        """Refused: a combination of CapaBoost adapters is not a CapaBoost adapter (see the message for the route).
+
+        Each adapter's ΔW is a LoRA of rank d*r (B_cat A_cat), so ``combination_type="cat"`` has an exact result:
+        a LoRA whose factors are the w-weighted concatenation of the adapters' A_cat / B_cat. That result cannot be
+        stored as a new CapaBoost adapter: its factors are d masked copies of ONE (A, B) pair, and the concatenated
+        factors of several adapters (or the weighted ones of one) are not of that form. The exact route is
+        :func:`capaboost.export_as_lora` then PEFT LoRA's own ``add_weighted_adapter(combination_type="cat")``.
+        """
+        route = (
+            "Export each adapter with capaboost.export_as_lora (it converts the model in place: load each adapter on "
+            "its own base model, export it and save_pretrained the LoRA), load the LoRAs into one PeftModel "
+            "(load_adapter) and call its add_weighted_adapter(..., combination_type='cat'), which is exact: "
+            "ΔW = Σ w_i ΔW_i, a LoRA of rank Σ d_i r_i."
         )
+        if combination_type == "cat":
+            reason = (
+                "the exact 'cat' combination of CapaBoost adapters is a LoRA of rank Σ d_i r_i whose factors are not d "
+                "masked copies of one (A, B) pair, so no CapaBoost adapter can hold it."
+            )
+        else:
+            reason = (
+                f"combination_type={combination_type!r} combines the adapters' LoRA factors (linear/ties/dare sum "
+                "them, svd refactorises their sum); on masked packed factors a weighted sum is not a CapaBoost "
+                "adapter and (Σ w_i B_i)(Σ w_i A_i) is not Σ w_i ΔW_i. On the exported LoRAs it behaves as for any "
+                "LoRA (only 'cat' is exact)."
+            )
+        raise NotImplementedError(f"add_weighted_adapter on a CapaBoost-LoRA model: {reason} {route}")
