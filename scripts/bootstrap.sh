@@ -29,5 +29,5 @@ if [[ -n "$broken" ]]; then
   echo "fix: add or change the pins in requirements.lock (scripts/lock.sh writes it from a working venv)" >&2
   exit 1
 fi
-.venv/bin/python -c "import torch, peft, transformers; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+.venv/bin/python -c "import capaboost, torch, peft, transformers; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "$want" > "$stamp"

@@ -71,7 +71,7 @@ def test_assign_follows_importance_and_never_exceeds_budget():
     ranks = {n: d * r for n, (d, r) in alloc.items()}
     assert ranks["a"] > ranks["b"] > ranks["c"] >= 2
     assert 1.5 <= ranks["a"] / ranks["b"] <= 2.5 and 2 <= ranks["b"] / ranks["c"] <= 4  # ~ importance ratios
-    from capaboost.masks import MaskedPair
+    from capaboost.packing import MaskedPair
 
     spent = sum(
         MaskedPair(cfg._spec(d, 0.5), n, r, *shapes[n]).A.numel_union

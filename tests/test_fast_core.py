@@ -18,7 +18,7 @@ import capaboost  # noqa: F401  (registers the methods)
 from capaboost import CapaBoostLoraConfig
 from capaboost.adapter import CapaBoostAdapterConfig, CapaBoostAdapterLayer
 from capaboost.lora.layer import Conv2d, Linear
-from capaboost.masks import MaskedPair
+from capaboost.packing import MaskedPair
 from capaboost.prefix import CapaBoostPrefixConfig
 from capaboost.prefix.model import PAIR_KEY, CapaBoostPrefixEncoder
 

@@ -14,7 +14,7 @@ from capaboost.train.tasks import TASK_CLASSES, TASKS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "capaboost"
-CORE = ("capaboost.masks", "capaboost.config", "capaboost.tuner", "capaboost.lora", "capaboost.adapter",
+CORE = ("capaboost.masks", "capaboost.packing", "capaboost.config", "capaboost.tuner", "capaboost.lora", "capaboost.adapter",
         "capaboost.prefix", "capaboost.export", "capaboost.accounting")
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from capaboost.packing import MaskedFactor
 from capaboost.masks import (
-    MaskedFactor,
     MaskSpec,
     copy_masks,
     mask_key,

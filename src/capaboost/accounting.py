@@ -1,7 +1,7 @@
 """Parameter counts and ranks of CapaBoost modules (paper Table 1: rank d*r at ~1-(1-s)^d parameters).
 
 Works for every CapaBoost method: it walks layers that expose ``capaboost_pairs`` (adapter ->
-:class:`~capaboost.masks.MaskedPair`), ``capaboost_name`` and ``packed_factors(adapter)``.
+:class:`~capaboost.packing.MaskedPair`), ``capaboost_name`` and ``packed_factors(adapter)``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .masks import MaskedPair
+from .packing import MaskedPair
 
 
 def _layers(model: torch.nn.Module, adapter_name: Optional[str]) -> Iterator[tuple[torch.nn.Module, str, MaskedPair]]:

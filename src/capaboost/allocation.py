@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .accounting import parameter_counts
 from .lora.config import CapaBoostLoraConfig
-from .masks import MaskedPair
+from .packing import MaskedPair
 
 ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
 PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "copies_pattern", "density_pattern")

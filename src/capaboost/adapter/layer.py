@@ -13,7 +13,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from ..masks import MaskedPair, MaskSpec, warn_dense_copies
+from ..masks import MaskSpec
+from ..packing import MaskedPair, warn_dense_copies
 
 
 class AdapterMergeError(ValueError):

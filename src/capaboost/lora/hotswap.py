@@ -18,7 +18,8 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-from ..masks import MaskedPair, fingerprint
+from ..masks import fingerprint
+from ..packing import MaskedPair
 from .config import CapaBoostLoraConfig
 from .layer import CapaBoostLoraLayer
 

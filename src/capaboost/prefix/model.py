@@ -12,7 +12,7 @@ from peft.tuners.prefix_tuning import PrefixEncoder
 from peft.tuners.tuners_utils import BasePromptEncoder
 from peft.utils.peft_types import PeftType
 
-from ..masks import MaskedPair, warn_dense_copies
+from ..packing import MaskedPair, warn_dense_copies
 from .config import CapaBoostPrefixConfig
 
 #: Mask key of the prefix MLP (one per adapter; the encoder is not part of the base model).
