@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from .accounting import parameter_counts
 from .lora.config import CapaBoostLoraConfig
 from .packing import MaskedPair
+from .tuner import pattern_matches, unmatched_keys
 
 ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
 PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "copies_pattern", "density_pattern")
@@ -40,10 +41,6 @@ def _fresh(model_or_factory: ModelOrFactory) -> nn.Module:
     return model_or_factory()
 
 
-def _pattern_matches(pattern: str, name: str) -> bool:
-    return re.match(rf"(.*\.)?({pattern})$", name) is not None  # PEFT's rank_pattern rule
-
-
 def _supported(module: nn.Module) -> bool:
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return module.groups == 1
@@ -58,10 +55,8 @@ def check_patterns(base_model: nn.Module, config: CapaBoostLoraConfig, adapted: 
     """
     modules = dict(base_model.named_modules())
     for field_name in PATTERN_FIELDS:
-        for key in getattr(config, field_name):
-            if any(_pattern_matches(key, name) for name in adapted):
-                continue
-            named = [n for n in modules if n and _pattern_matches(key, n)]
+        for key in unmatched_keys(getattr(config, field_name), adapted):
+            named = [n for n in modules if n and pattern_matches(key, n)]
             bad = [f"{n} ({type(modules[n]).__name__})" for n in named if not _supported(modules[n])]
             if bad:
                 raise AllocationError(

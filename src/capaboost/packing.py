@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .masks import MaskSpec, copy_masks, masks_digest
@@ -258,6 +260,11 @@ def warn_dense_copies(spec: MaskSpec) -> None:
         )
 
 
+def linear_init(tensor: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's weight init (kaiming-uniform, a=√5), in place."""
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
 class MaskedPair:
     """The (A, B) factor pair of one module and adapter: A is k x n_in (down), B is n_out x k (up).
 
@@ -281,6 +288,19 @@ class MaskedPair:
     @property
     def digest(self) -> str:
         return hashlib.sha256(f"{self.name}|{self.A.digest}|{self.B.digest}".encode()).hexdigest()[:16]
+
+    def init_packed(
+        self, init_b: Optional[Callable[[torch.Tensor], object]] = None, device=None, dtype=None,
+    ) -> tuple[nn.Parameter, nn.Parameter]:
+        """The packed (A, B) parameters of a dense init: A as nn.Linear's weight, B zero (None) or ``init_b``'s draw.
+
+        A is drawn before B, so a seeded model draws the same values whatever the method.
+        """
+        dense_a = linear_init(torch.empty(self.A.shape, device=device, dtype=dtype))
+        dense_b = torch.zeros(self.B.shape, device=device, dtype=dtype)
+        if init_b is not None:
+            init_b(dense_b)
+        return nn.Parameter(self.A.pack(dense_a)), nn.Parameter(self.B.pack(dense_b))
 
     def cat(self, packed_a: torch.Tensor, packed_b: torch.Tensor, training: bool = False) -> tuple[torch.Tensor, ...]:
         """(A_cat, B_cat): the operands of the one rank-d*k product, both from ONE gather (one backward too)."""
@@ -307,6 +327,15 @@ class MaskedPair:
             return flat.view(result.shape)
         tables = self.tables.on(packed_a.device, packed_a.dtype)
         return _MaskedLowRank.apply(result, x, packed_a, packed_b, *tables, self.shapes, scaling)
+
+    def bottleneck(
+        self, x: torch.Tensor, packed_a: torch.Tensor, packed_b: torch.Tensor, bias_a: torch.Tensor,
+        bias_b: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor], training: bool = False,
+    ) -> torch.Tensor:
+        """``up_cat(f(down_cat(x) + b_down)) + b_up``: the masked MLP, one product each way (b_down shared by the copies)."""
+        a_cat, b_cat = self.cat(packed_a, packed_b, training)
+        hidden = activation(F.linear(x, a_cat, bias_a.repeat(self.spec.num_copies)))
+        return F.linear(hidden, b_cat, bias_b)
 
     def delta(self, packed_a: torch.Tensor, packed_b: torch.Tensor) -> torch.Tensor:
         """Σ_i (B⊙m_Bi)(A⊙m_Ai) = B_cat @ A_cat (n_out x n_in), at eval (no dropout masks)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -37,10 +37,37 @@ def base_module_name(key: str) -> str:
     return ".".join(part for part in key.split(".") if part not in _WRAPPER_PARTS)
 
 
+def pattern_matches(pattern: str, name: str) -> bool:
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None  # PEFT's rank_pattern rule
+
+
+def unmatched_keys(patterns: Optional[dict], names: Sequence[str]) -> list[str]:
+    """The keys of a ``*_pattern`` dict that match none of ``names`` (PEFT would silently ignore them)."""
+    return [key for key in patterns or {} if not any(pattern_matches(key, name) for name in names)]
+
+
 class MaskCheckMixin:
-    """Hooks shared by CapaBoost tuners: record the masks' fingerprint on save, refuse a mismatch on load,
-    and refuse PEFT's mixed-adapter batches (which PEFT would otherwise silently ignore for us); a tuner that
-    implements them (CapaBoost-LoRA) overrides ``_enable_peft_forward_hooks``."""
+    """Hooks shared by CapaBoost tuners: inject layers, record the masks' fingerprint on save, refuse a mismatch
+    on load, and refuse PEFT's mixed-adapter batches (which PEFT would otherwise silently ignore for us); a tuner
+    that implements them (CapaBoost-LoRA) overrides ``_enable_peft_forward_hooks``.
+
+    A tuner gives ``_layer_kwargs`` (the ``update_layer`` arguments of one module) and ``_new_layer``.
+    """
+
+    def _create_and_replace(
+        self, config: Any, adapter_name: str, target: torch.nn.Module, target_name: str, parent: torch.nn.Module,
+        current_key: str, **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        kwargs = self._layer_kwargs(config, current_key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        new_module = self._new_layer(config, adapter_name, target, base_module_name(current_key), **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
@@ -51,11 +78,7 @@ class MaskCheckMixin:
     def _post_injection_hook(self, model: torch.nn.Module, config: Any, adapter_name: str) -> None:
         """A copies/density pattern that matches no adapted module is a typo: its masks would silently differ."""
         for field in ("copies_pattern", "density_pattern"):
-            unmatched = [
-                key
-                for key in getattr(config, field, None) or {}
-                if not any(re.match(rf"(.*\.)?({key})$", name) for name in self.targeted_module_names)
-            ]
+            unmatched = unmatched_keys(getattr(config, field, None), self.targeted_module_names)
             if unmatched:
                 raise ValueError(
                     f"{field} keys {unmatched} match no adapted module; adapted modules are e.g. "

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
+import functools
 import warnings
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
@@ -94,20 +93,19 @@ class CapaBoostAdapterLayer(nn.Module, BaseTunerLayer):
         pair = MaskedPair(spec, self.capaboost_name, bottleneck, n_in, n_out)
         ref = next((p for p in self.get_base_layer().parameters() if p.is_floating_point()), None)
         device, dtype = (ref.device, ref.dtype) if ref is not None else (None, None)
-        dense_a = torch.empty(bottleneck, n_in, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(dense_a, a=math.sqrt(5))  # as LoRA's A
-        dense_b = torch.zeros(n_out, bottleneck, device=device, dtype=dtype)  # up = 0: a no-op at init
+        nontrivial = functools.partial(nn.init.uniform_, a=-0.5, b=0.5)  # tests: a non-trivial adapter
+        # A as LoRA's, up = 0: a no-op at init
+        packed = pair.init_packed(init_b=None if init_weights else nontrivial, device=device, dtype=dtype)
         bias_a = torch.zeros(bottleneck, device=device, dtype=dtype)
         bias_b = torch.zeros(n_out, device=device, dtype=dtype)
-        if not init_weights:  # tests: a non-trivial adapter
-            for tensor in (dense_b, bias_a, bias_b):
-                nn.init.uniform_(tensor, -0.5, 0.5)
+        if not init_weights:
+            for bias in (bias_a, bias_b):
+                nontrivial(bias)
         self.bottleneck[adapter_name], self.scaling[adapter_name] = bottleneck, scaling
         self.parallel[adapter_name] = parallel
         self.activation[adapter_name] = ACT2FN[non_linearity]
         self.capaboost_pairs[adapter_name] = pair
-        self.cbadapter_A[adapter_name] = nn.Parameter(pair.A.pack(dense_a))
-        self.cbadapter_B[adapter_name] = nn.Parameter(pair.B.pack(dense_b))
+        self.cbadapter_A[adapter_name], self.cbadapter_B[adapter_name] = packed
         self.cbadapter_bias_A[adapter_name] = nn.Parameter(bias_a)
         self.cbadapter_bias_B[adapter_name] = nn.Parameter(bias_b)
         if ffn_input is not None and self._ffn_input_hook is None:
@@ -122,11 +120,11 @@ class CapaBoostAdapterLayer(nn.Module, BaseTunerLayer):
 
     def adapter_output(self, adapter: str, source: torch.Tensor) -> torch.Tensor:
         """The unscaled adapter output ``up_cat(f(down_cat(source) + b_down)) + b_up`` (one product each way)."""
-        pair = self.capaboost_pairs[adapter]
-        a_cat, b_cat = pair.cat(self.cbadapter_A[adapter], self.cbadapter_B[adapter], self.training)
-        bias_a = self.cbadapter_bias_A[adapter].repeat(pair.spec.num_copies)
-        hidden = self.activation[adapter](F.linear(self._cast_input_dtype(source, a_cat.dtype), a_cat, bias_a))
-        return F.linear(hidden, b_cat, self.cbadapter_bias_B[adapter])
+        packed_a, packed_b = self.cbadapter_A[adapter], self.cbadapter_B[adapter]
+        return self.capaboost_pairs[adapter].bottleneck(
+            self._cast_input_dtype(source, packed_a.dtype), packed_a, packed_b, self.cbadapter_bias_A[adapter],
+            self.cbadapter_bias_B[adapter], self.activation[adapter], self.training,
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ffn_input, self._ffn_input = self._ffn_input, None  # consume: never hold activations past a step

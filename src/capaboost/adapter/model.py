@@ -8,7 +8,7 @@ import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 
-from ..tuner import MaskCheckMixin, base_module_name
+from ..tuner import MaskCheckMixin
 from .config import CapaBoostAdapterConfig
 from .layer import CapaBoostAdapterLayer, _merge_error
 from .placement import Placement, resolve_placement
@@ -28,19 +28,10 @@ class CapaBoostAdapterModel(MaskCheckMixin, BaseTuner):
         peft_config.target_modules = placement.target_regex(peft_config.style)
         return peft_config
 
-    def _create_and_replace(
-        self,
-        config: CapaBoostAdapterConfig,
-        adapter_name: str,
-        target: torch.nn.Module,
-        target_name: str,
-        parent: torch.nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
+    def _layer_kwargs(self, config: CapaBoostAdapterConfig, current_key: str) -> dict[str, Any]:
         parallel = config.style == "parallel"
         ffn_input_key = Placement.from_dict(config.adapter_placement, config.style).ffn_input_key(current_key)
-        kwargs = dict(
+        return dict(
             bottleneck=config.bottleneck,
             non_linearity=config.non_linearity,
             scaling=config.adapter_scaling,
@@ -49,13 +40,9 @@ class CapaBoostAdapterModel(MaskCheckMixin, BaseTuner):
             ffn_input=self.model.get_submodule(ffn_input_key) if parallel and ffn_input_key else None,
             init_weights=config.init_weights,
         )
-        if isinstance(target, CapaBoostAdapterLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        new_module = CapaBoostAdapterLayer(target, adapter_name, base_module_name(current_key), **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
-        self._replace_module(parent, target_name, new_module, target)
+
+    def _new_layer(self, config, adapter_name, target, name, **kwargs) -> torch.nn.Module:
+        return CapaBoostAdapterLayer(target, adapter_name, name, **kwargs)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # Sites may be whole blocks (e.g. an MLP) without a ``weight``; adapter tensors are created on the

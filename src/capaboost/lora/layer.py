@@ -14,7 +14,7 @@ from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
 from ..masks import MaskSpec
-from ..packing import MaskedPair, warn_dense_copies
+from ..packing import MaskedPair, linear_init, warn_dense_copies
 from ..tuner import mixed_batch_error
 
 
@@ -57,17 +57,13 @@ class CapaBoostLoraLayer(BaseTunerLayer):
             raise ValueError(f"r must be an integer >= 1, got {r}.")
         warn_dense_copies(spec)
         pair = MaskedPair(spec, self.capaboost_name, r, self.factor_in_features, self.out_features)
-        dense_a = torch.empty(r, self.factor_in_features)
-        nn.init.kaiming_uniform_(dense_a, a=math.sqrt(5))  # as LoRA: A random
-        dense_b = torch.zeros(self.out_features, r)  # as LoRA: B = 0, so the wrapped model equals the base
-        if not init_lora_weights:
-            nn.init.kaiming_uniform_(dense_b, a=math.sqrt(5))
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.capaboost_pairs[adapter_name] = pair
-        self.cblora_A[adapter_name] = nn.Parameter(pair.A.pack(dense_a))
-        self.cblora_B[adapter_name] = nn.Parameter(pair.B.pack(dense_b))
+        # as LoRA: A random, B = 0 (so the wrapped model equals the base)
+        packed = pair.init_packed(init_b=None if init_lora_weights else linear_init)
+        self.cblora_A[adapter_name], self.cblora_B[adapter_name] = packed
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 

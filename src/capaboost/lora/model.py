@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from ..tuner import MaskCheckMixin, base_module_name
+from ..tuner import MaskCheckMixin
 from .config import CapaBoostLoraConfig
 from .layer import CapaBoostLoraLayer, create_module
 from .quantized import dispatch_quantized
@@ -38,38 +38,21 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
                 f"Its linear layers are named: {leaves[:20]}; fix target_modules."
             )
 
-    def _create_and_replace(
-        self,
-        config: CapaBoostLoraConfig,
-        adapter_name: str,
-        target: torch.nn.Module,
-        target_name: str,
-        parent: torch.nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if current_key is None:
-            raise ValueError("current_key must not be None")
+    def _layer_kwargs(self, config: CapaBoostLoraConfig, current_key: str) -> dict[str, Any]:
         r, alpha = config.rank_and_alpha(current_key)
         alpha = alpha * config.update_scale(current_key)  # scale_by_density: the layer's scaling is alpha / r
-        kwargs = dict(
+        return dict(
             r=r,
             lora_alpha=alpha,
             lora_dropout=config.lora_dropout,
             spec=config.mask_spec(current_key),
             init_lora_weights=config.init_lora_weights,
         )
-        if isinstance(target, CapaBoostLoraLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        name = base_module_name(current_key)
+
+    def _new_layer(self, config, adapter_name, target, name, **kwargs) -> torch.nn.Module:
         # quantized bases first: bitsandbytes layers subclass nn.Linear, whose merge would write into packed storage
         new_module = dispatch_quantized(target, adapter_name, name, config, **kwargs)
-        if new_module is None:
-            new_module = create_module(target, adapter_name, name, config, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
-        self._replace_module(parent, target_name, new_module, target)
+        return new_module if new_module is not None else create_module(target, adapter_name, name, config, **kwargs)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):

@@ -12,7 +12,7 @@ from peft.tuners.prefix_tuning import PrefixEncoder
 from peft.tuners.tuners_utils import BasePromptEncoder
 from peft.utils.peft_types import PeftType
 
-from ..packing import MaskedPair, warn_dense_copies
+from ..packing import MaskedPair, linear_init, warn_dense_copies
 from .config import CapaBoostPrefixConfig
 
 #: Mask key of the prefix MLP (one per adapter; the encoder is not part of the base model).
@@ -44,16 +44,12 @@ class CapaBoostPrefixEncoder(BasePromptEncoder):
         spec = config.mask_spec(PREFIX_MASK_NAME)
         warn_dense_copies(spec)
         pair = self.capaboost_pairs[PAIR_KEY] = MaskedPair(spec, PREFIX_MASK_NAME, k, dim, out)
-        dense_a, dense_b = torch.empty(k, dim), torch.empty(out, k)
-        for dense in (dense_a, dense_b):  # nn.Linear's init, as PEFT's MLP
-            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        self.cbprefix_A, self.cbprefix_B = pair.init_packed(init_b=linear_init)  # nn.Linear's init, as PEFT's MLP
         bias_a = torch.empty(k).uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim))
         bias_b = torch.empty(out).uniform_(-1 / math.sqrt(k), 1 / math.sqrt(k))
-        if config.init_weights == "zero":
-            dense_b.zero_()
+        if config.init_weights == "zero":  # after the draws: the biases draw the same values either way
+            self.cbprefix_B.data.zero_()
             bias_b.zero_()
-        self.cbprefix_A = nn.Parameter(pair.A.pack(dense_a))
-        self.cbprefix_B = nn.Parameter(pair.B.pack(dense_b))
         self.cbprefix_bias_A = nn.Parameter(bias_a)
         self.cbprefix_bias_B = nn.Parameter(bias_b)
 
@@ -64,10 +60,10 @@ class CapaBoostPrefixEncoder(BasePromptEncoder):
         """The prefix table (num_virtual_tokens x 2*layers*dim), differentiable."""
         if self.inference_mode:
             return self.embedding.weight
-        pair = self.capaboost_pairs[PAIR_KEY]
-        a_cat, b_cat = pair.cat(self.cbprefix_A, self.cbprefix_B, self.training)
-        bias_a = self.cbprefix_bias_A.repeat(pair.spec.num_copies)
-        return F.linear(torch.tanh(F.linear(self.embedding.weight, a_cat, bias_a)), b_cat, self.cbprefix_bias_B)
+        return self.capaboost_pairs[PAIR_KEY].bottleneck(
+            self.embedding.weight, self.cbprefix_A, self.cbprefix_B, self.cbprefix_bias_A, self.cbprefix_bias_B,
+            torch.tanh, self.training,
+        )
 
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         return F.embedding(prefix, self.table())
