@@ -17,3 +17,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A saved tiny BERT checkpoint (path) for the runner's tests; one per test module."""
+    import helpers
+
+    return helpers.save_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A tokenization cache folder shared by one test module's runs."""
+    return str(tmp_path_factory.mktemp("cache"))

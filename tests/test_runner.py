@@ -20,16 +20,6 @@ import helpers
 GLUE = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
 
 
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return helpers.save_tiny_bert(tmp_path_factory.mktemp("bert"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def run(tmp_path, bert, cache, **options):
     opts = dict(model=bert, output_dir=str(tmp_path / "out"), batch_size=8, threads=1, progress=False, cache_dir=cache)
     return train(RunConfig(**{**opts, **options}))

@@ -19,16 +19,6 @@ from capaboost.train.errors import ConfigError
 from capaboost.train.run_config import RunConfig, make_config
 
 
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return helpers.save_tiny_bert(tmp_path_factory.mktemp("bert"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def _run(tmp_path, bert, cache, name, **options):
     data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=options.pop("n_train", 16), n_dev=8)
     opts = dict(task="sst2", method="capaboost-lora", data_dir=data, model=bert, output_dir=str(tmp_path / name),
