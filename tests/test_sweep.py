@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from capaboost.cli import main
 from capaboost.train.errors import ConfigError
-from capaboost.train.report.sweep import expand_sweep, markdown_table, summarize, write_report
+from capaboost.train.report.sweep import expand_sweep, markdown_table, run_sweep, summarize, write_report
 import helpers
 
 
@@ -88,3 +89,23 @@ def test_sweep_trains_then_skips_finished_runs_and_reports(tmp_path, capsys):
     assert main(["report", str(tmp_path / "sw")]) == 0
     assert (tmp_path / "sw" / "report.png").is_file()
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def test_jobs_trains_runs_in_parallel_processes_in_order(tmp_path, capsys):
+    bert = helpers.save_tiny_bert(tmp_path / "bert")
+    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        f"output_dir: {tmp_path / 'sw'}\n"
+        f"base: {{task: sst2, data_dir: {data}, model: {bert}, max_steps: 1, batch_size: 8, threads: 1,"
+        f" progress: false, cache_dir: {tmp_path / 'cache'}}}\n"
+        "methods: [capaboost-lora]\nseeds: [0, 1]\n"
+    )
+    runs = run_sweep(spec, jobs=2)
+    assert [r["status"] for r in runs] == ["trained", "trained"]
+    assert [Path(r["output_dir"]).name for r in runs] == ["seed0", "seed1"]  # the sweep's order, not finishing order
+    out = capsys.readouterr().out
+    assert "[1/2] trained" in out and "[2/2] trained" in out  # one progress line per finished run
+    assert [r["status"] for r in run_sweep(spec, jobs=2)] == ["done", "done"]
+    with pytest.raises(ConfigError, match="--jobs"):
+        run_sweep(spec, jobs=0)

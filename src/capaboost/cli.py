@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run tasks x methods x settings x seeds from a YAML file; skips finished")
     sweep.add_argument("config", help="sweep YAML/TOML/JSON file")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (e.g. "
+                       "16 MiniLM runs share one GPU well; on a CPU give each run --threads so jobs x threads <= cores)")
     sweep.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
 
     report = sub.add_parser("report", help="markdown table (mean ± std over seeds) and plots of a sweep folder")
@@ -299,7 +301,7 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .train.report.sweep import FINISHED, run_sweep, write_report
 
-    runs = run_sweep(args.config, dry_run=args.dry_run)
+    runs = run_sweep(args.config, dry_run=args.dry_run, jobs=args.jobs)
     if args.dry_run:
         for run in runs:
             print(f"{run['status']:9s} {run['output_dir']}")

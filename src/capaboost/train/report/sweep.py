@@ -31,9 +31,10 @@ import itertools
 import json
 import math
 import re
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -119,13 +120,45 @@ def stale_options(out: Path, options: dict[str, Any]) -> dict[str, tuple[Any, An
     return make_config(options).with_defaults().differences(recorded)
 
 
-def run_sweep(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Run every missing run of the sweep file; returns one status dict per run."""
+def _train_one(options: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) one run; a failure is recorded in its folder, never raised: one broken run must not
+    stop the sweep. Top-level, so ``--jobs`` worker processes can run it."""
     from ..run.runner import train
 
+    out = Path(options["output_dir"])
+    start = time.perf_counter()
+    try:
+        train(make_config({**options, "resume": True}))
+        result = {"status": "trained"}
+    except (ValueError, RuntimeError) as err:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.txt").write_text(traceback.format_exc())
+        result = {"status": "failed", "error": str(err)}
+    return {**result, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _train_all(todo: list[dict[str, Any]], jobs: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index in ``todo``, result) as runs finish; ``jobs`` runs at once in spawned processes (each its own torch)."""
+    if jobs == 1:
+        yield from ((i, _train_one(options)) for i, options in enumerate(todo))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_one, options): i for i, options in enumerate(todo)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+def run_sweep(path: str | Path, dry_run: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run every missing run of the sweep file, ``jobs`` at once; returns one status dict per run, in order."""
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs must be a whole number >= 1 (runs trained at once), got {jobs!r}.")
     spec = read_config_file(path)
     runs = expand_sweep(spec)
-    results = []
+    results: list[dict[str, Any]] = []
+    todo: list[tuple[int, dict[str, Any]]] = []  # (position in results, options)
     for options in runs:
         out = Path(options["output_dir"])
         status = {"output_dir": str(out), "sweep_dir": spec["output_dir"], "tag": options["tag"]}
@@ -143,14 +176,13 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
         if dry_run:
             results.append({**status, "status": "resume" if (out / "checkpoint").exists() else "pending"})
             continue
-        try:
-            train(make_config({**options, "resume": True}))
-            results.append({**status, "status": "trained"})
-        except (ValueError, RuntimeError) as err:  # one broken run must not stop the sweep
-            (out / "error.txt").parent.mkdir(parents=True, exist_ok=True)
-            (out / "error.txt").write_text(traceback.format_exc())
-            print(f"error: run {out} failed: {err}")
-            results.append({**status, "status": "failed", "error": str(err)})
+        todo.append((len(results), options))
+        results.append(status)
+    for done, (i, result) in enumerate(_train_all([options for _, options in todo], jobs), start=1):
+        position = todo[i][0]
+        results[position].update(result)
+        line = f"[{done}/{len(todo)}] {result['status']} {results[position]['output_dir']} ({result['seconds']} s)"
+        print(line if result["status"] == "trained" else f"error: {line}: {result['error']}", flush=True)
     return results
 
 
