@@ -106,15 +106,6 @@ class MaskSpec:
     def nm(self) -> Optional[tuple[int, int]]:
         return parse_pattern(self.pattern)
 
-    @property
-    def union_fraction(self) -> float:
-        """Expected trainable fraction 1-(1-s)^d (exact for 'same': s; for 'dropout': 1)."""
-        if self.mode == "same":
-            return float(self.density)
-        if self.mode == "dropout":
-            return 1.0
-        return 1.0 - (1.0 - float(self.density)) ** self.num_copies
-
 
 def random_mask(key: int, shape: tuple[int, int], density: float) -> np.ndarray:
     """Exactly round(s*n) ones, chosen by the smallest words of the stream (stable sort: no ties issue)."""
