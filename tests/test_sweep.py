@@ -64,7 +64,8 @@ def test_report_gives_mean_and_sample_std_over_seeds(tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 1000
 
 
-def test_sweep_trains_then_skips_finished_runs_and_reports(tmp_path, capsys):
+def _sweep_file(tmp_path, methods: str) -> Path:
+    """A one-step sweep over ``methods`` x seeds 0, 1 on a tiny BERT and a 16-example SST-2."""
     bert = helpers.save_tiny_bert(tmp_path / "bert")
     data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
     spec = tmp_path / "sweep.yaml"
@@ -72,8 +73,13 @@ def test_sweep_trains_then_skips_finished_runs_and_reports(tmp_path, capsys):
         f"output_dir: {tmp_path / 'sw'}\n"
         f"base: {{task: sst2, data_dir: {data}, model: {bert}, max_steps: 1, batch_size: 8, threads: 1,"
         f" progress: false, cache_dir: {tmp_path / 'cache'}}}\n"
-        "methods: [capaboost-lora, bitfit]\nseeds: [0, 1]\n"
+        f"methods: [{methods}]\nseeds: [0, 1]\n"
     )
+    return spec
+
+
+def test_sweep_trains_then_skips_finished_runs_and_reports(tmp_path, capsys):
+    spec = _sweep_file(tmp_path, "capaboost-lora, bitfit")
     assert main(["sweep", str(spec), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("pending") == 4
     assert main(["sweep", str(spec)]) == 0
@@ -92,15 +98,7 @@ def test_sweep_trains_then_skips_finished_runs_and_reports(tmp_path, capsys):
 
 
 def test_jobs_trains_runs_in_parallel_processes_in_order(tmp_path, capsys):
-    bert = helpers.save_tiny_bert(tmp_path / "bert")
-    data = helpers.write_glue("sst2", tmp_path / "sst2", n_train=16, n_dev=8)
-    spec = tmp_path / "sweep.yaml"
-    spec.write_text(
-        f"output_dir: {tmp_path / 'sw'}\n"
-        f"base: {{task: sst2, data_dir: {data}, model: {bert}, max_steps: 1, batch_size: 8, threads: 1,"
-        f" progress: false, cache_dir: {tmp_path / 'cache'}}}\n"
-        "methods: [capaboost-lora]\nseeds: [0, 1]\n"
-    )
+    spec = _sweep_file(tmp_path, "capaboost-lora")
     runs = run_sweep(spec, jobs=2)
     assert [r["status"] for r in runs] == ["trained", "trained"]
     assert [Path(r["output_dir"]).name for r in runs] == ["seed0", "seed1"]  # the sweep's order, not finishing order
