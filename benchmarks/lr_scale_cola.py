@@ -6,8 +6,7 @@
     python benchmarks/lr_scale_cola.py --ratio                               # the d*s^2 check (no data needed)
 
 Training goes through the runner exactly as ``capaboost sweep`` does (``expand_sweep`` + ``train`` with
-``resume``). The only addition is the method ``capaboost-lora-sbd``: the runner's ``capaboost-lora`` config with
-``scale_by_density=True``, registered here because the command line has no flag for the option yet. Runs go
+``resume``); the third arm is ``capaboost-lora`` with ``scale_by_density: true`` (``--scale-by-density``). Runs go
 seed-major, and within a seed lr by lr with every arm (seed 0 all, then seed 1 ...), so a sweep cut short
 still compares all arms at the same seeds.
 """
@@ -15,7 +14,6 @@ still compares all arms at the same seeds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -24,28 +22,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SBD = "capaboost-lora-sbd"
-
-
-def register_sbd() -> None:
-    from capaboost.train import methods
-
-    base = methods.METHODS["capaboost-lora"]
-
-    def build(cfg, ctx):
-        return dataclasses.replace(base.build(cfg, ctx), scale_by_density=True)
-
-    methods.METHODS[SBD] = dataclasses.replace(
-        base, build=build, summary="CapaBoost-LoRA with scale_by_density=True (benchmarks/lr_scale_cola.py)"
-    )
-
-
 def run(path: str) -> None:
     from capaboost.train.run_config import make_config, read_config_file
     from capaboost.train.run import train
     from capaboost.train.report.sweep import expand_sweep, stale_options
 
-    register_sbd()
     spec = read_config_file(path)
     runs = expand_sweep(spec)
     arms = [m["tag"] for m in spec["methods"]]
@@ -59,7 +40,7 @@ def run(path: str) -> None:
             continue
         start = time.time()
         metrics = train(make_config({**options, "resume": True}))
-        if options["method"] == SBD:  # the option must have reached the saved adapter
+        if options.get("scale_by_density"):  # the option must have reached the saved adapter
             saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
             assert saved.get("scale_by_density") is True, out
         print(f"[{i + 1}/{len(runs)}] {out}: test {metrics['test']} in {time.time() - start:.0f}s", flush=True)
