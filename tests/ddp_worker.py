@@ -109,7 +109,7 @@ def main(out: Path, resume_from: Path) -> None:
         "reduced_bytes": int(reducer["total_parameter_size_bytes"]),
     }
     del ddp, model
-    final = train(out / "ckpt_w2.pt")
+    final = train(out / "ckpt_w2")
     resumed = train(resume=resume_from)
     try:
         verify_masks_identical(build_model(mask_seed=rank))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ddp_worker
-from capaboost import parameter_counts
+from capaboost import checkpoint, parameter_counts
 from capaboost.distributed import (
     atomic_save,
     load_checkpoint,
@@ -68,9 +68,9 @@ def _assert_same(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 def test_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_path):
     start = time.time()
-    one = ddp_worker.train(tmp_path / "ckpt_w1.pt")  # 1 process, same global batch; checkpoint at CKPT_STEP
-    _torchrun(tmp_path / "torchrun.log", "tests/ddp_worker.py", str(tmp_path), str(tmp_path / "ckpt_w1.pt"))
-    resumed_in_one = ddp_worker.train(resume=tmp_path / "ckpt_w2.pt")  # 2-rank checkpoint, resumed by 1 process
+    one = ddp_worker.train(tmp_path / "ckpt_w1")  # 1 process, same global batch; checkpoint at CKPT_STEP
+    _torchrun(tmp_path / "torchrun.log", "tests/ddp_worker.py", str(tmp_path), str(tmp_path / "ckpt_w1"))
+    resumed_in_one = ddp_worker.train(resume=tmp_path / "ckpt_w2")  # 2-rank checkpoint, resumed by 1 process
     two = torch.load(tmp_path / "weights_w2.pt")
     print(f"DDP equivalence + resume test took {time.time() - start:.1f}s")
 
@@ -79,7 +79,10 @@ def test_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_path):
     _assert_same(two["final"], one)  # 2 ranks x 2 examples == 1 process x 4 examples
     _assert_same(two["resumed"], one)  # 1-process checkpoint resumed on 2 ranks
     _assert_same(resumed_in_one, one)  # 2-rank checkpoint resumed in 1 process
-    assert torch.load(tmp_path / "ckpt_w2.pt", weights_only=False)["world_size"] == 2
+    # one format with the runner's checkpoint: a folder of parts, progress.json and their checksums
+    assert json.loads((tmp_path / "ckpt_w2" / "progress.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt_w2").iterdir()) == [
+        "extra.pt", "optimizer.pt", "progress.json", "sha256.json", "trainable.pt"]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary checkpoint files left over"
 
     # DDP syncs only tensors of the model: the packed values and the frozen base, never masks.
@@ -178,12 +181,29 @@ def test_atomic_save_replaces_and_cleans_up(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]  # no partial file, no temporary
 
 
-def test_load_checkpoint_refuses_other_masks(tmp_path):
+def test_load_checkpoint_refuses_other_masks_and_other_files(tmp_path):
     model = ddp_worker.build_model()
-    save_checkpoint(tmp_path / "c.pt", model, step=2)
-    assert load_checkpoint(tmp_path / "c.pt", ddp_worker.build_model())["step"] == 2
+    save_checkpoint(tmp_path / "c", model, step=2)
+    assert load_checkpoint(tmp_path / "c", ddp_worker.build_model())["step"] == 2
     with pytest.raises(ValueError, match="was trained with masks"):
-        load_checkpoint(tmp_path / "c.pt", ddp_worker.build_model(mask_seed=3))
+        load_checkpoint(tmp_path / "c", ddp_worker.build_model(mask_seed=3))
     torch.save({"something": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a capaboost training checkpoint"):
+    with pytest.raises(ValueError, match="is a file, not a capaboost training checkpoint folder"):
         load_checkpoint(tmp_path / "other.pt", model)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing", model)
+    runner_style = tmp_path / "runner"  # a checkpoint folder without this module's progress keys
+    checkpoint.save_checkpoint(runner_style, lambda: {"trainable": {}}, {"global_step": 1})
+    with pytest.raises(ValueError, match="not a capaboost training checkpoint"):
+        load_checkpoint(runner_style, model)
+
+
+def test_checkpoint_folder_survives_a_crash_mid_replace_and_refuses_a_torn_part(tmp_path):
+    model = ddp_worker.build_model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    save_checkpoint(tmp_path / "c", model, opt, step=3)
+    (tmp_path / "c").rename(tmp_path / "c.old")  # what a crash between the two renames leaves
+    assert load_checkpoint(tmp_path / "c", ddp_worker.build_model(), opt)["step"] == 3
+    (tmp_path / "c.old" / "trainable.pt").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="trainable.pt"):
+        load_checkpoint(tmp_path / "c", ddp_worker.build_model())

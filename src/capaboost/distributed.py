@@ -9,8 +9,9 @@ with one all-gather of a 64-bit hash per rank.
 
 Checkpoints hold the unwrapped model's trainable tensors and a replicated optimizer's state, so a
 run saved with N processes resumes with M (the global batch stays the same; see
-:func:`per_rank_batch_size`). They are written by :mod:`capaboost.checkpoint`, as the runner's are:
-from rank 0, atomically, and a failure on rank 0 raises on every rank.
+:func:`per_rank_batch_size`). They are checkpoint folders in the runner's one format
+(:mod:`capaboost.checkpoint`): written from rank 0, atomically, with a ``.old`` fallback and checksums, and a
+failure on rank 0 raises on every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from .checkpoint import atomic_replace, on_main_process
 from .ranks import all_ok, collective_device, rank_and_world  # noqa: F401 - also this module's API
 from .tuner import masks_fingerprint
@@ -167,22 +169,28 @@ def save_checkpoint(
     extra: Optional[dict] = None,
     group: Optional[Any] = None,
 ) -> Path:
-    """Write a resumable training checkpoint from rank 0 only, atomically (call it on every rank).
+    """Write a resumable training checkpoint folder from rank 0 only, atomically (call it on every rank).
 
-    Assumes a replicated optimizer (DDP, single process); FSDP shards the optimizer state, use
-    ``accelerate``'s ``save_state`` there.
+    The folder has the runner's format (:func:`capaboost.checkpoint.save_checkpoint`: one ``.pt`` per part,
+    ``progress.json``, checksums, a ``.old`` fallback while it is replaced). Assumes a replicated optimizer
+    (DDP, single process); FSDP shards the optimizer state, use ``accelerate``'s ``save_state`` there.
     """
-    state = {
+    progress = {
         "format": CHECKPOINT_FORMAT,
         "step": int(step),
         "world_size": rank_and_world(group)[1],
         "mask_fingerprint": masks_fingerprint(unwrap_model(model)),
-        "trainable": trainable_state_dict(model),
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "extra": extra or {},
     }
-    return atomic_save(lambda tmp: torch.save(state, tmp), path, group)
+
+    def parts() -> dict[str, Any]:  # rank 0 only
+        return {
+            "trainable": trainable_state_dict(model),
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "extra": extra or {},
+        }
+
+    return checkpoint.save_checkpoint(path, parts, progress, group)
 
 
 def load_checkpoint(
@@ -191,19 +199,26 @@ def load_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Optional[Any] = None,
 ) -> dict:
-    """Restore a :func:`save_checkpoint` file into ``model`` (and optimizer/scheduler) on this rank.
+    """Restore a :func:`save_checkpoint` folder into ``model`` (and optimizer/scheduler) on this rank.
 
     Works under any world size. Returns ``{"step", "world_size", "extra"}`` of the saved run.
     """
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a capaboost training checkpoint (format {CHECKPOINT_FORMAT}).")
+    fix = "pass the folder save_checkpoint wrote (a capaboost training checkpoint), or start without resuming."
+    if Path(path).is_file():
+        raise ValueError(f"{path} is a file, not a capaboost training checkpoint folder (format {CHECKPOINT_FORMAT}); "
+                         f"{fix}")
+    state = checkpoint.load_checkpoint(path, fix, required=("trainable",))
+    if state is None:
+        raise ValueError(f"{path} does not exist; {fix}")
+    progress = state["progress"]
+    if progress.get("format") != CHECKPOINT_FORMAT or "mask_fingerprint" not in progress:
+        raise ValueError(f"{path} is not a capaboost training checkpoint (format {CHECKPOINT_FORMAT}); {fix}")
     inner = unwrap_model(model)
     actual = masks_fingerprint(inner)
-    if state["mask_fingerprint"] != actual:
+    if progress["mask_fingerprint"] != actual:
         raise ValueError(
-            f"{path} was trained with masks {state['mask_fingerprint']}, but this model's masks are {actual}: build "
-            "the model with the same CapaBoost config (seed, copies, density, pattern, targets) to resume."
+            f"{path} was trained with masks {progress['mask_fingerprint']}, but this model's masks are {actual}: "
+            "build the model with the same CapaBoost config (seed, copies, density, pattern, targets) to resume."
         )
     params = dict(inner.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
@@ -217,8 +232,8 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
-    if optimizer is not None and state["optimizer"] is not None:
+    if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
+    if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    return {"step": state["step"], "world_size": state["world_size"], "extra": state["extra"]}
+    return {"step": progress["step"], "world_size": progress["world_size"], "extra": state.get("extra") or {}}
