@@ -1,7 +1,7 @@
 """QLoRA-style CapaBoost-LoRA: a small decoder trained on a 4-bit (or 8-bit / int8) base vs its float base.
 
 Each base runs in its own process (so one run's allocations cannot hide in another's peak): build the LLaMA
-from its config (same seed, so the same float weights), quantize it with ``capaboost.lora.quantized.quantize_base``,
+from its config (same seed, so the same float weights), quantize it with ``capaboost.quantize.quantize_base``,
 wrap it with CapaBoost-LoRA on every linear of the blocks (same masks and init in every run), train on a synthetic
 low-entropy Markov "language", then measure the merges. Reported per run:
 
@@ -64,7 +64,8 @@ def run_one(args) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     import capaboost  # noqa: F401
     from capaboost import CapaBoostLoraConfig, export_as_lora
-    from capaboost.lora.quantized import dequantize_base, quantize_base, storage_bytes
+    from capaboost.lora.quantized import dequantize_base
+    from capaboost.quantize import quantize_base, storage_bytes
     from peft import PeftModel, get_peft_model
 
     warnings.simplefilter("ignore")

@@ -15,7 +15,7 @@ from capaboost.train.tasks import TASK_CLASSES, TASKS
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "capaboost"
 CORE = ("capaboost.masks", "capaboost.packing", "capaboost.config", "capaboost.tuner", "capaboost.lora", "capaboost.adapter",
-        "capaboost.prefix", "capaboost.export", "capaboost.accounting")
+        "capaboost.prefix", "capaboost.quantize", "capaboost.export", "capaboost.accounting")
 
 
 def _module_name(path: Path) -> str:

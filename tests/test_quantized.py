@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import capaboost  # noqa: F401  (registers the methods)
 from capaboost import CapaBoostLoraConfig, export_as_lora
 from capaboost.lora import quantized as Q
+from capaboost.quantize import _torchao_tensor, quantize_base, storage_bytes
 from capaboost.lora.layer import Linear
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -45,7 +46,7 @@ def _quiet():
 
 
 def quantized_llama(kind: str, seed: int = 0):
-    return Q.quantize_base(helpers.tiny_llama(seed).eval(), kind)
+    return quantize_base(helpers.tiny_llama(seed).eval(), kind)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def frozen_state(model) -> dict[str, torch.Tensor]:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if "cblora_" in name:
             continue
-        inner = t.qdata if Q._torchao_tensor(t) else t.data
+        inner = t.qdata if _torchao_tensor(t) else t.data
         out[name] = inner.detach().clone()
     return out
 
@@ -112,13 +113,13 @@ def test_quantize_base_quantizes_the_blocks_and_keeps_the_head(kind):
     model = quantized_llama(kind)
     attn = model.model.layers[0].self_attn
     if kind == "int8":
-        assert type(attn.q_proj) is torch.nn.Linear and Q._torchao_tensor(attn.q_proj.weight)
+        assert type(attn.q_proj) is torch.nn.Linear and _torchao_tensor(attn.q_proj.weight)
     else:
         import bitsandbytes as bnb
 
         assert isinstance(attn.q_proj, bnb.nn.Linear8bitLt if kind == "8bit" else bnb.nn.Linear4bit)
         assert getattr(model, "is_loaded_in_8bit" if kind == "8bit" else "is_loaded_in_4bit") is True
-    assert type(model.lm_head) is torch.nn.Linear and not Q._torchao_tensor(model.lm_head.weight)
+    assert type(model.lm_head) is torch.nn.Linear and not _torchao_tensor(model.lm_head.weight)
     assert torch.equal(model.lm_head.weight, float_model.lm_head.weight)
     # a quantized base computes nearly the float model (within the format's rounding)
     err = (logits(model) - logits(float_model)).abs().max().item()
@@ -129,10 +130,10 @@ def test_quantize_base_quantizes_the_blocks_and_keeps_the_head(kind):
 def test_storage_bytes_counts_the_quantized_storage(kind):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False))
-    dense = Q.storage_bytes(model)
+    dense = storage_bytes(model)
     assert dense == 256 * 256 * 4
-    Q.quantize_base(model, kind, skip=())
-    ratio = Q.storage_bytes(model) / dense
+    quantize_base(model, kind, skip=())
+    ratio = storage_bytes(model) / dense
     # 4-bit: 1/8 of float32 plus the block statistics; int8: 1/4 plus per-row scales
     assert {"nf4": 0.125, "fp4": 0.125, "8bit": 0.25, "int8": 0.25}[kind] < ratio < {
         "nf4": 0.14, "fp4": 0.14, "8bit": 0.26, "int8": 0.26}[kind]
@@ -140,11 +141,11 @@ def test_storage_bytes_counts_the_quantized_storage(kind):
 
 def test_quantize_base_refuses_bad_input():
     with pytest.raises(ValueError, match="quantize kind must be one of"):
-        Q.quantize_base(helpers.tiny_llama(), "3bit")
+        quantize_base(helpers.tiny_llama(), "3bit")
     with pytest.raises(ValueError, match="before get_peft_model"):
-        Q.quantize_base(get_peft_model(helpers.tiny_llama(), cb_config()), "nf4")
+        quantize_base(get_peft_model(helpers.tiny_llama(), cb_config()), "nf4")
     with pytest.raises(ValueError, match="no torch.nn.Linear"):
-        Q.quantize_base(torch.nn.Sequential(torch.nn.ReLU()), "nf4")
+        quantize_base(torch.nn.Sequential(torch.nn.ReLU()), "nf4")
 
 
 def test_dispatch_leaves_float_layers_to_create_module():
@@ -246,7 +247,7 @@ def merge_errors(kind: str) -> dict[str, float]:
     dequantized = logits(fresh)
     merged = fresh.merge_and_unload()
     quantized = ("Params4bit", "Int8Params")
-    assert not any(Q._torchao_tensor(p) or type(p).__name__ in quantized for p in merged.parameters())
+    assert not any(_torchao_tensor(p) or type(p).__name__ in quantized for p in merged.parameters())
     return {
         "scale": scale,
         "requantized": (requantized - unmerged).abs().max().item(),

@@ -128,7 +128,7 @@ class Session:
         cfg = self.cfg
         model = base = self.task.build_model()
         if cfg.quantize:  # QLoRA-style: frozen base in 4/8 bit, the adapter in float
-            from ...lora.quantized import quantize_base
+            from ...quantize import quantize_base
 
             quantize_base(base, "nf4" if cfg.quantize == "4bit" else cfg.quantize)
         if cfg.gradient_checkpointing:
