@@ -60,6 +60,7 @@ LORA_HONOURED = {
     "init_lora_weights": f"{HERE}::test_init_lora_weights_is_true_or_false_and_nothing_else",
     "rank_pattern": f"{HERE}::test_rank_and_alpha_patterns_set_the_scaling",
     "alpha_pattern": f"{HERE}::test_rank_and_alpha_patterns_set_the_scaling",
+    "trainable_token_indices": "test_trainable_tokens.py::test_d1_s1_equals_peft_lora",
 }
 # A non-default value of each refused field (JSON-serialisable, so the load path is tested too).
 LORA_REFUSED = {
@@ -67,7 +68,6 @@ LORA_REFUSED = {
     "use_rslora": True,
     "megatron_config": {"tensor_model_parallel_size": 2},
     "megatron_core": "my.megatron",
-    "trainable_token_indices": [0, 1],
     "loftq_config": {"loftq_bits": 4},
     "eva_config": {"rho": 2.0},
     "corda_config": {"corda_method": "kpm"},

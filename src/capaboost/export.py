@@ -80,6 +80,7 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
         fan_in_fan_out=config.fan_in_fan_out,
         bias="lora_only" if config.bias == "cblora_only" else config.bias,
         modules_to_save=config.modules_to_save,
+        trainable_token_indices=config.trainable_token_indices,  # PEFT's token rows travel as they are
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,

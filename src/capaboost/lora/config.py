@@ -22,8 +22,6 @@ LORA_ONLY_OPTIONS: dict[str, str] = {
     "as lora_alpha (and in alpha_pattern for the modules of rank_pattern)",
     "megatron_config": "Megatron parallel layers are not supported; adapt a model built from torch.nn.Linear",
     "megatron_core": "Megatron parallel layers are not supported; adapt a model built from torch.nn.Linear",
-    "trainable_token_indices": "list the embedding in modules_to_save to train it whole, or use "
-    "peft.LoraConfig(trainable_token_indices=...)",
     "loftq_config": "LoftQ initialisation is LoRA-only; use peft.LoraConfig(init_lora_weights='loftq', ...)",
     "eva_config": "EVA initialisation is LoRA-only; use peft.LoraConfig(init_lora_weights='eva', ...)",
     "corda_config": "CorDA initialisation is LoRA-only; use peft.LoraConfig(init_lora_weights='corda', ...)",
@@ -35,8 +33,10 @@ LORA_ONLY_OPTIONS: dict[str, str] = {
     "monteclora_config": f"MonteCLoRA {_LORA_VARIANT}",
     "layer_replication": "replicate the layers before get_peft_model, or use peft.LoraConfig(layer_replication=...)",
     "lora_bias": "B has no bias of its own; to train the adapted layers' biases use bias='cblora_only'",
-    "target_parameters": "adapting bare nn.Parameters is LoRA-only; target their modules with target_modules or "
-    "use peft.LoraConfig(target_parameters=...)",
+    "target_parameters": "adapting bare nn.Parameters is LoRA-only: masked copies of a parameter tensor (e.g. MoE "
+    "experts stored as one (experts, in, out) tensor, PEFT's lora.ParamWrapper) are not implemented; where the "
+    "weights belong to nn.Linear layers, target their modules with target_modules or use "
+    "peft.LoraConfig(target_parameters=...)",
     "use_bdlora": f"BD-LoRA {_LORA_VARIANT}",
     "arrow_config": f"Arrow routing {_LORA_VARIANT}",
     "kasa_config": f"KaSA {_LORA_VARIANT}",
@@ -72,6 +72,14 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Module regex -> r."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Module regex -> lora_alpha."})
     use_dora: bool = field(default=False, metadata={"help": "Not supported; must stay False."})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": "As peft.LoraConfig: train only these rows of the input embedding (a list of token ids) or of "
+            "named embeddings ({'embed_tokens': [ids]}); the adapter file stores only those rows. A tied lm_head "
+            "follows the embedding's rows. PEFT's own TrainableTokensWrapper, no masks."
+        },
+    )
     scale_by_density: bool = field(
         default=False,
         metadata={
@@ -85,7 +93,6 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
     use_rslora: bool = False
     megatron_config: Optional[dict] = None
     megatron_core: Optional[str] = "megatron.core"
-    trainable_token_indices: Optional[Any] = None
     loftq_config: Optional[dict] = None
     eva_config: Optional[Any] = None
     corda_config: Optional[Any] = None
@@ -119,6 +126,7 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
             value = getattr(self, name)
             if value not in (None, False, {}, []) and value != self.__dataclass_fields__[name].default:
                 raise ValueError(f"CapaBoostLoraConfig does not support {name}={value!r}: {advice}.")
+        self._validate_token_indices()
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(
                 f"CapaBoostLoraConfig does not support init_lora_weights={self.init_lora_weights!r}: use True (B = 0, "
@@ -148,6 +156,20 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
                 "set it, or drop layers_pattern."
             )
         self._validate_masks()
+
+    def _validate_token_indices(self) -> None:
+        """PEFT takes any value here and fails (or wraps nothing) deep inside injection: name the bad value."""
+        value = self.trainable_token_indices
+        if value is None:
+            return
+        groups = value.items() if isinstance(value, dict) else [("", value)]
+        for name, ids in groups:
+            ok = isinstance(name, str) and isinstance(ids, (list, tuple)) and len(ids) > 0
+            if not ok or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(
+                    f"trainable_token_indices={value!r}: give a non-empty list of token ids (for the input "
+                    "embedding) or a dict {embedding module name: non-empty list of token ids}."
+                )
 
     def to_dict(self) -> dict:
         """The refused LoRA options always hold their defaults: keep them out of adapter_config.json."""

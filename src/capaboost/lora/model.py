@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from peft.tuners.lora.model import _adapter_names_pre_forward_hook, _get_encoder
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, TrainableTokensWrapper
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ..tuner import MaskCheckMixin
@@ -53,6 +53,18 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
         # quantized bases first: bitsandbytes layers subclass nn.Linear, whose merge would write into packed storage
         new_module = dispatch_quantized(target, adapter_name, name, config, **kwargs)
         return new_module if new_module is not None else create_module(target, adapter_name, name, config, **kwargs)
+
+    def _replace_module(
+        self, parent: torch.nn.Module, child_name: str, new_module: torch.nn.Module, child: torch.nn.Module
+    ) -> None:
+        """Unloading a ``trainable_token_indices`` wrapper gives back the embedding (or tied lm_head) it wraps, which
+        owns its weight: BaseTuner would re-assign ``child.weight`` to it, and on this wrapper that is the merged
+        tensor, not a Parameter (a TypeError in unload, merge_and_unload and export). PEFT's LoraModel does the plain
+        swap too; every other replacement keeps BaseTuner's behaviour."""
+        if isinstance(child, TrainableTokensWrapper):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
