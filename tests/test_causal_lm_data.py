@@ -59,7 +59,8 @@ def test_reads_pairs_and_text(tmp_path):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "a"}, r"line 2, column 'response': missing field 'response'.*fields found: \['prompt'\]"),
+    ({"prompt": "a"}, r"line 2, column 'response': missing field 'response'.*'text' or 'messages'; fields found: "
+                      r"\['prompt'\]"),
     ({"text": "a", "prompt": "b"}, "either 'text' or 'prompt'/'response'"),
     ({"prompt": "a", "response": 3}, "'response' must be a string, got int"),
     ({"prompt": "a", "response": "  "}, "'response' is empty"),

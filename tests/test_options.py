@@ -60,6 +60,7 @@ SAMPLE = {
     "text_column": "review", "label_column": "y", "text_pair_column": "b", "drop_labels": ["x"],
     "deduplicate": True, "is_regression": True, "test_fraction": 0.3, "image_size": 16, "train_size": 10,
     "val_size": 5, "reader_kwargs": {"skip_malformed": True}, "quantize": "4bit", "scale_by_density": True,
+    "packing": True,
 }
 
 

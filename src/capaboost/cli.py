@@ -45,6 +45,8 @@ HELP = {
     "train_size": "--task image: VTAB-1k training examples (800)",
     "val_size": "--task image: VTAB-1k validation examples (200)",
     "reader_kwargs": "extra keyword arguments for the data reader, as JSON",
+    "packing": "--task causal-lm: pack training sequences into --max-seq-len blocks (attention and loss stay "
+    "within each example; evaluation is unpacked)",
     "seed": "seed of data order, subsampling, head init and (unless --mask-seed) the masks",
     "epochs": "training epochs",
     "max_steps": "stop after this many optimizer steps (overrides --epochs)",

@@ -94,7 +94,8 @@ _ROWS = (
              percent=True),
     TaskSpec("image", "image", _CLASSIFICATION, "accuracy", (
         "data_dir", "image_size", "train_size", "val_size", "reader_kwargs")),
-    TaskSpec("causal-lm", "causal_lm", ("perplexity", "exact_match"), "perplexity", ("data_dir", "max_seq_len")),
+    TaskSpec("causal-lm", "causal_lm", ("perplexity", "exact_match"), "perplexity",
+             ("data_dir", "max_seq_len", "packing")),
 )
 
 # The one table of per-task facts, in the order the CLI lists the tasks.

@@ -251,6 +251,10 @@ def _native(cfg: RunConfig, ctx: MethodContext) -> None:
     return None
 
 
+# Methods that hand the model a key/value cache as their prefix: no gradient checkpointing (which turns the cache
+# off) and no packed causal-LM batches (PEFT drops position_ids for them, so packed examples would mix).
+PREFIX_METHODS = ("prefix", "capaboost-prefix")
+
 METHODS: dict[str, Method] = {
     # lr 1e-3: its update is ~d*s^2 = 0.5 of LoRA's (docs/reproduction.md); 2x LoRA's lr was its best on CoLA
     "capaboost-lora": Method(_capaboost_lora, 1e-3, "capaboost", "LoRA, d masked copies of one (A, B)",

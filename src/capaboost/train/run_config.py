@@ -74,6 +74,7 @@ class RunConfig:
     train_size: int = 800
     val_size: int = 200
     reader_kwargs: dict = field(default_factory=dict)
+    packing: bool = False  # causal-lm: concatenate training sequences into max_seq_len blocks
     # optimisation
     seed: int = 0
     epochs: int = 3

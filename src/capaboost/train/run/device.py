@@ -9,6 +9,7 @@ import torch
 
 from ...distributed import accelerator_kwargs
 from ..errors import ConfigError
+from ..methods import PREFIX_METHODS
 
 
 def tf32_wanted(capability: Optional[tuple[int, int]], flag: bool) -> Optional[bool]:
@@ -88,9 +89,6 @@ def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dic
     if device.type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
-
-
-PREFIX_METHODS = ("prefix", "capaboost-prefix")
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module, method: str) -> None:

@@ -49,9 +49,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding tokens of a CPU batch (the sum of its attention mask; 0 without one, e.g. images)."""
+    """Tokens of a CPU batch: the sum of its attention mask; a packed causal-LM batch (no mask: blocks told
+    apart by ``position_ids``) counts every position, its few padding positions included; 0 for images."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else 0
+    if mask is not None:
+        return int(mask.sum())
+    ids = batch.get("input_ids")
+    return ids.numel() if ids is not None else 0
 
 
 def train_loop(session: Session) -> None:

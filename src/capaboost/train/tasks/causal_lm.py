@@ -18,14 +18,16 @@ from ...data.causal_lm import (
     CausalLMCollator,
     CausalLMExample,
     load_causal_lm,
+    pack_features,
     pad_token_id,
     prompt_ids,
     tokenize_example,
 )
 from ...distributed import all_reduce_sum, rank_and_world
+from ..errors import ConfigError
 
+from ..methods import PREFIX_METHODS
 from .base import Task
-
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -84,7 +86,8 @@ def greedy_generate(
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                   do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                   use_cache=True)  # also after packed training turned the config's cache off
         out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     model.train(was_training)
     return out
@@ -107,14 +110,14 @@ def evaluate_causal_lm(
     batch_size: int = 8,
     max_new_tokens: Optional[int] = None,
 ) -> dict[str, float]:
-    """Perplexity on every example; exact match on the prompt/response ones (``text`` rows have no answer).
+    """Perplexity on every example; exact match on the prompt/response ones (``text`` and chat rows have none).
 
     Under torch.distributed each rank scores every world-size-th example and the sums are
     all-reduced, so all ranks return the metrics of the whole set (call it on every rank, with the
     unwrapped model). ``max_new_tokens`` defaults to the longest reference response plus its EOS.
     """
     rank, world = rank_and_world()
-    pairs = [e for e in examples if not e.is_text]
+    pairs = [e for e in examples if e.has_reference]
     if pairs and max_new_tokens is None:  # from all pairs, so every rank generates equally far
         max_new_tokens = 1 + max(len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in pairs)
     collate = CausalLMCollator(pad_token_id(tokenizer))
@@ -138,16 +141,32 @@ class CausalLMTask(Task):
     scores_outputs = False  # perplexity needs the labels and exact match generates: evaluate() does both
 
     def load(self) -> None:
+        """Tokenize the splits; with ``--packing`` the training split becomes ``max_seq_len`` blocks (evaluation
+        stays one example per row, so perplexity and exact match do not depend on packing)."""
         cfg = self.cfg
+        if cfg.packing and cfg.method in PREFIX_METHODS:
+            raise ConfigError(f"--packing does not work with {cfg.method!r}: prefix tuning feeds the prefix as a KV "
+                              "cache, so packed examples would attend to each other; drop --packing.")
 
         def build() -> dict[str, Any]:
             data = load_causal_lm(cfg.data_dir, cfg.protocol, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples)
             encode = lambda examples: [  # noqa: E731
                 {**tokenize_example(e, self.tokenizer, cfg.max_seq_len), "example": e} for e in examples]
-            return {"metric_names": list(data.metric_names), "main_metric": data.main_metric, "train": encode(data.train),
+            train = encode(data.train)
+            if cfg.packing:
+                train = pack_features(train, cfg.max_seq_len)
+            return {"metric_names": list(data.metric_names), "main_metric": data.main_metric, "train": train,
                     "eval_splits": {"validation": encode(data.validation), "test": encode(data.test)}}
 
-        self.load_cached(build)
+        self.load_cached(build, packing=cfg.packing)
+
+    def build_model(self) -> torch.nn.Module:
+        """The base model; packed training runs it without a KV cache, which transformers' packed-sequence
+        detection (block-diagonal attention from the restarting ``position_ids``) requires."""
+        model = super().build_model()
+        if self.cfg.packing:
+            model.config.use_cache = False
+        return model
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return CausalLMCollator(pad_token_id(self.tokenizer))(features)
