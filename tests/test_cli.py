@@ -130,8 +130,8 @@ def test_bad_options_exit_2_with_the_fix(env, tmp_path, capsys):
     assert cli(env, tmp_path, "--config", str(config)) == 2
     assert "unknown run option 'learning_rate'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--method", "dora"])
-    assert "invalid choice: 'dora'" in capsys.readouterr().err
+        build_parser().parse_args(["train", "--method", "boft"])
+    assert "invalid choice: 'boft'" in capsys.readouterr().err
     assert main(["rank", str(tmp_path)]) == 2
     assert "not a capaboost checkpoint" in capsys.readouterr().err
 

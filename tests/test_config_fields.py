@@ -61,10 +61,10 @@ LORA_HONOURED = {
     "rank_pattern": f"{HERE}::test_rank_and_alpha_patterns_set_the_scaling",
     "alpha_pattern": f"{HERE}::test_rank_and_alpha_patterns_set_the_scaling",
     "trainable_token_indices": "test_trainable_tokens.py::test_d1_s1_equals_peft_lora",
+    "use_dora": "test_dora.py::test_d1_s1_equals_peft_dora",
 }
 # A non-default value of each refused field (JSON-serialisable, so the load path is tested too).
 LORA_REFUSED = {
-    "use_dora": True,
     "use_rslora": True,
     "megatron_config": {"tensor_model_parallel_size": 2},
     "megatron_core": "my.megatron",
@@ -187,7 +187,7 @@ def test_runtime_config_is_not_accepted():
 def test_refused_lora_options_stay_out_of_adapter_config_json(tmp_path):
     lora().save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert not saved.keys() & LORA_REFUSED.keys() - {"use_dora"}
+    assert not saved.keys() & LORA_REFUSED.keys()
 
 
 # --- honoured: behaviour --------------------------------------------------------------------------

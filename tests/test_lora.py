@@ -87,9 +87,13 @@ def test_config_bad_input(kwargs, match):
         cb_config(**kwargs)
 
 
-def test_dora_not_implemented():
-    with pytest.raises(ValueError, match="DoRA"):
-        cb_config(use_dora=True)
+def test_use_dora_is_a_bool_and_adds_a_magnitude_per_layer():
+    # CapaBoost-DoRA itself is tested in test_dora.py (against PEFT's DoRA and the dense formula)
+    with pytest.raises(ValueError, match="use_dora must be True or False"):
+        cb_config(use_dora="yes")
+    model = get_peft_model(tiny_bert(), cb_config(use_dora=True))
+    layers = [m for m in model.modules() if isinstance(m, CapaBoostLoraLayer)]
+    assert layers and all(m.lora_magnitude_vector["default"].shape == (m.out_features,) for m in layers)
 
 
 def test_dense_copies_warn():

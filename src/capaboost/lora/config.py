@@ -71,7 +71,14 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Module regex -> r."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Module regex -> lora_alpha."})
-    use_dora: bool = field(default=False, metadata={"help": "Not supported; must stay False."})
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "CapaBoost-DoRA: PEFT's DoRA (trained per-row magnitude lora_magnitude_vector, detached weight "
+            "norm) with the masked rank-d*r ΔW as the direction's update. nn.Linear and transformers' Conv1D only; "
+            "Embedding, Conv and quantized layers refuse it by name."
+        },
+    )
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None,
         metadata={
@@ -117,11 +124,8 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
-        if self.use_dora:
-            raise ValueError(
-                "CapaBoostLoraConfig does not support use_dora=True (DoRA): use use_dora=False, or peft.LoraConfig "
-                "for DoRA."
-            )
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}.")
         for name, advice in LORA_ONLY_OPTIONS.items():
             value = getattr(self, name)
             if value not in (None, False, {}, []) and value != self.__dataclass_fields__[name].default:

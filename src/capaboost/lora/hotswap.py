@@ -24,8 +24,9 @@ from .config import CapaBoostLoraConfig
 from .layer import CapaBoostLoraLayer
 
 #: Config fields that change the outputs besides the packed values and the masks, and that a swap cannot change.
-_FIXED_FIELDS = ("lora_dropout", "fan_in_fan_out", "bias", "modules_to_save", "task_type")
+_FIXED_FIELDS = ("lora_dropout", "fan_in_fan_out", "bias", "modules_to_save", "task_type", "use_dora")
 _SUFFIXES = (".cblora_A", ".cblora_B")
+_MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m (PEFT's key): swapped with the factors, same shape (out_features)
 
 
 def hotswap_adapter(
@@ -42,7 +43,8 @@ def hotswap_adapter(
     masks but keeps the sizes only where each union has a fixed count, e.g. ``num_copies=1`` or ``mask_mode="same"``).
     The packed values are copied into the existing parameters (no re-allocation), the layers' scalings follow the
     new ``lora_alpha``/``alpha_pattern``, and the masks follow the new config, checked against its saved
-    ``mask_fingerprint`` as on load. When the masks and scalings are unchanged (same mask fields and alphas), only
+    ``mask_fingerprint`` as on load. A CapaBoost-DoRA adapter swaps its magnitudes (``lora_magnitude_vector``) with
+    the factors (``use_dora`` must match: DoRA and plain adapters do not swap into each other). When the masks and scalings are unchanged (same mask fields and alphas), only
     tensor values change, so a compiled model keeps its graphs (a new scaling is a Python float: dynamo recompiles,
     with correct outputs). Anything else is refused before the model is touched.
     """
@@ -108,7 +110,8 @@ def hotswap_adapter_from_state_dict(
             "model.unmerge_adapter() first."
         )
     expected = {name + suffix for name in named for suffix in _SUFFIXES}
-    given = {key for key in state_dict if ".cblora_" in key}
+    expected |= {name + _MAGNITUDE for name, module in named.items() if adapter_name in module.lora_magnitude_vector}
+    given = {key for key in state_dict if ".cblora_" in key or key.endswith(_MAGNITUDE)}
     if given != expected:
         missing, unexpected = sorted(expected - given), sorted(given - expected)
         raise ValueError(
@@ -140,6 +143,13 @@ def hotswap_adapter_from_state_dict(
                     f"{old_val.numel()} values, the new adapter's {new_val.numel()} (its masks' union has "
                     f"{factor.numel_union}): copies, density, pattern, mode or mask_seed give another mask union. "
                     "Hotswapping copies values in place and cannot resize; use load_adapter() instead."
+                )
+        if adapter_name in module.lora_magnitude_vector:
+            old_m, new_m = module.lora_magnitude_vector[adapter_name], state_dict[name + _MAGNITUDE]
+            if new_m.shape != old_m.shape:
+                raise ValueError(
+                    f"cannot hotswap adapter {adapter_name!r}: the DoRA magnitude of {key!r} has shape "
+                    f"{tuple(new_m.shape)}, expected {tuple(old_m.shape)}; use load_adapter() instead."
                 )
         plan.append((module, pair, alpha * config.update_scale(key) / r))
     actual = fingerprint({module.capaboost_name: pair.digest for module, pair, _ in plan})

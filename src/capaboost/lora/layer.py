@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from ..masks import MaskSpec
 from ..packing import MaskedPair, linear_init, warn_dense_copies
 from ..tuner import mixed_batch_error
+from .dora import DoraLinearMixin
 
 
 class CapaBoostLoraLayer(BaseTunerLayer):
@@ -26,8 +27,9 @@ class CapaBoostLoraLayer(BaseTunerLayer):
     attributes: regenerated, never saved or broadcast).
     """
 
-    adapter_layer_names = ("cblora_A", "cblora_B")
+    adapter_layer_names = ("cblora_A", "cblora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "capaboost_pairs")
+    supports_dora = False  # see DoraLinearMixin
 
     def __init__(self, base_layer: nn.Module, capaboost_name: str, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -39,6 +41,8 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         self.cblora_A = nn.ParameterDict()
         self.cblora_B = nn.ParameterDict()
         self.capaboost_pairs: dict[str, MaskedPair] = {}
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, PEFT's name: only adapters with use_dora=True
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -52,9 +56,11 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         lora_dropout: float,
         spec: MaskSpec,
         init_lora_weights: bool = True,
+        use_dora: bool = False,
     ) -> None:
         if r < 1:
             raise ValueError(f"r must be an integer >= 1, got {r}.")
+        self._check_dora(use_dora)
         warn_dense_copies(spec)
         pair = MaskedPair(spec, self.capaboost_name, r, self.factor_in_features, self.out_features)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
@@ -65,7 +71,23 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         packed = pair.init_packed(init_b=None if init_lora_weights else linear_init)
         self.cblora_A[adapter_name], self.cblora_B[adapter_name] = packed
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if adapter_name in self.lora_magnitude_vector:  # re-adding a name: its old magnitude must not survive
+            del self.lora_magnitude_vector[adapter_name]
+        if use_dora:  # after the move, as PEFT: m is the norm of the weight where the adapter lives
+            self.init_magnitude(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _check_dora(self, use_dora: bool) -> None:
+        """DoRA is implemented for the Linear wrapper only (nn.Linear, Conv1D): refuse it by name elsewhere."""
+        if use_dora and not self.supports_dora:
+            base, backend = self.get_base_layer(), getattr(self, "backend", "")
+            raise ValueError(
+                f"CapaBoost-LoRA cannot apply use_dora=True (DoRA) to {self.capaboost_name!r} of type "
+                f"{type(base).__module__}.{type(base).__name__}{f' ({backend})' if backend else ''}: CapaBoost-DoRA "
+                "is implemented for unquantized torch.nn.Linear and transformers' Conv1D layers only (PEFT's "
+                "Embedding/Conv/quantized DoRA variants are not). Exclude it with exclude_modules, or use "
+                "peft.LoraConfig(use_dora=True) for DoRA on it."
+            )
 
     @property
     def factor_in_features(self) -> int:
@@ -99,15 +121,19 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         for adapter in adapter_names:
             if adapter not in self.cblora_A:
                 continue
-            delta = self.get_delta_weight(adapter).to(base_layer.weight.dtype)
-            if safe_merge:
-                merged = base_layer.weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-                base_layer.weight.data = merged
-            else:
-                base_layer.weight.data += delta
+            merged = self._merged_weight(base_layer.weight.data, adapter)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base_layer.weight.data = merged
             self.merged_adapters.append(adapter)
+
+    def _merged_weight(self, weight: torch.Tensor, adapter: str) -> torch.Tensor:
+        """``weight`` with ``adapter`` merged in (a new tensor); DoRA overrides it."""
+        return weight + self.get_delta_weight(adapter).to(weight.dtype)
+
+    def _unmerged_weight(self, weight: torch.Tensor, adapter: str) -> torch.Tensor:
+        """Inverse of :meth:`_merged_weight`."""
+        return weight - self.get_delta_weight(adapter).to(weight.dtype)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -117,7 +143,7 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.cblora_A:
-                weight.data -= self.get_delta_weight(adapter).to(weight.dtype)
+                weight.data = self._unmerged_weight(weight.data, adapter)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -163,14 +189,16 @@ class _Wrapper(nn.Module, CapaBoostLoraLayer):
         spec: MaskSpec,
         fan_in_fan_out: bool = False,
         init_lora_weights: bool = True,
+        use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         CapaBoostLoraLayer.__init__(self, base_layer, capaboost_name, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
+        self._check_dora(use_dora)  # before the layer's own checks: DoRA is the option the user can drop
         self._check_base_layer()
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights, use_dora)
 
     def _check_base_layer(self) -> None:
         """Refuse a base layer whose computation the adapter path could not mirror."""
@@ -197,10 +225,12 @@ class _Wrapper(nn.Module, CapaBoostLoraLayer):
         return "capaboost." + super().__repr__()
 
 
-class Linear(_Wrapper):
-    """CapaBoost-LoRA around ``nn.Linear`` or transformers' ``Conv1D``."""
+class Linear(DoraLinearMixin, _Wrapper):
+    """CapaBoost-LoRA around ``nn.Linear`` or transformers' ``Conv1D``; with ``use_dora=True`` CapaBoost-DoRA."""
 
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        if adapter in self.lora_magnitude_vector:
+            return self._dora_add(result, x, adapter)
         # one autograd node: gather, x A_cat^T, then result + scaling * h B_cat^T in one addmm
         return self.capaboost_pairs[adapter].add_lowrank(
             result, x, self.cblora_A[adapter], self.cblora_B[adapter], self.scaling[adapter], self.training
@@ -312,9 +342,9 @@ class Embedding(_Wrapper):
 
     def update_layer(
         self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, spec: MaskSpec,
-        init_lora_weights: bool = True,
+        init_lora_weights: bool = True, use_dora: bool = False,
     ) -> None:
-        super().update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights)
+        super().update_layer(adapter_name, r, lora_alpha, lora_dropout, spec, init_lora_weights, use_dora)
         with torch.no_grad():  # the packed values are a subset of a dense init: drawing them directly is the same
             packed_a, packed_b = self.cblora_A[adapter_name], self.cblora_B[adapter_name]
             packed_a.zero_() if init_lora_weights else nn.init.normal_(packed_a)

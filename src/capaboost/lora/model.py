@@ -47,6 +47,7 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
             lora_dropout=config.lora_dropout,
             spec=config.mask_spec(current_key),
             init_lora_weights=config.init_lora_weights,
+            use_dora=config.use_dora,
         )
 
     def _new_layer(self, config, adapter_name, target, name, **kwargs) -> torch.nn.Module:

@@ -40,6 +40,7 @@ class _QuantizedLinear(Linear):
     """
 
     backend = ""
+    supports_dora = False  # PEFT's bnb DoRA dequantizes per step; not implemented here (refused by name)
 
     def _base_is_quantized(self) -> bool:
         raise NotImplementedError

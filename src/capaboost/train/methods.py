@@ -108,21 +108,29 @@ def _alpha(cfg: RunConfig, r: int) -> float:
     return cfg.alpha if cfg.alpha is not None else 2 * r
 
 
-def _capaboost_lora(cfg: RunConfig, ctx: MethodContext) -> Any:
+def _capaboost_lora(cfg: RunConfig, ctx: MethodContext, use_dora: bool = False) -> Any:
     from ..lora import CapaBoostLoraConfig
 
     r = _rank(cfg, 8)
     return CapaBoostLoraConfig(
         r=r, lora_alpha=_alpha(cfg, r), lora_dropout=cfg.dropout, scale_by_density=cfg.scale_by_density,
-        **_masks(cfg), **_common(cfg, ctx),
+        use_dora=use_dora, **_masks(cfg), **_common(cfg, ctx),
     )
 
 
-def _lora(cfg: RunConfig, ctx: MethodContext) -> Any:
+def _lora(cfg: RunConfig, ctx: MethodContext, use_dora: bool = False) -> Any:
     from peft import LoraConfig
 
     r = _rank(cfg, 8)
-    return LoraConfig(r=r, lora_alpha=_alpha(cfg, r), lora_dropout=cfg.dropout, **_common(cfg, ctx))
+    return LoraConfig(r=r, lora_alpha=_alpha(cfg, r), lora_dropout=cfg.dropout, use_dora=use_dora, **_common(cfg, ctx))
+
+
+def _capaboost_dora(cfg: RunConfig, ctx: MethodContext) -> Any:
+    return _capaboost_lora(cfg, ctx, use_dora=True)
+
+
+def _dora(cfg: RunConfig, ctx: MethodContext) -> Any:
+    return _lora(cfg, ctx, use_dora=True)
 
 
 def _adalora(cfg: RunConfig, ctx: MethodContext) -> Any:
@@ -267,7 +275,11 @@ METHODS: dict[str, Method] = {
                                  ADAPTER_OPTIONS | MASK_OPTIONS),
     "capaboost-prefix": Method(_capaboost_prefix, 5e-3, "capaboost", "prefix tuning, masked reparameterisation",
                                PREFIX_OPTIONS | MASK_OPTIONS),
+    # DoRA: the LoRA counterparts' lrs; no --quantize for capaboost-dora (CapaBoost-DoRA refuses quantized bases)
+    "capaboost-dora": Method(_capaboost_dora, 1e-3, "capaboost", "DoRA magnitude + CapaBoost-LoRA direction",
+                             LORA_OPTIONS | MASK_OPTIONS | {"scale_by_density"}),
     "lora": Method(_lora, 5e-4, "peft", "PEFT LoRA", LORA_OPTIONS | {"quantize"}),
+    "dora": Method(_dora, 5e-4, "peft", "PEFT DoRA (LoRA with a trained weight magnitude)", LORA_OPTIONS | {"quantize"}),
     "adalora": Method(_adalora, 5e-4, "peft", "PEFT AdaLoRA (rank budget pruned during training)", LORA_OPTIONS,
                       after_step=_adalora_after_step, state=_adalora_state, load_state=_adalora_load_state),
     "loha": Method(_loha, 5e-4, "peft", "PEFT LoHa (Hadamard product of two low-rank pairs)", LORA_OPTIONS),
