@@ -62,6 +62,7 @@ LORA_HONOURED = {
     "alpha_pattern": f"{HERE}::test_rank_and_alpha_patterns_set_the_scaling",
     "trainable_token_indices": "test_trainable_tokens.py::test_d1_s1_equals_peft_lora",
     "use_dora": "test_dora.py::test_d1_s1_equals_peft_dora",
+    "target_parameters": "test_target_parameters.py::test_d1_s1_equals_peft_lora",
 }
 # A non-default value of each refused field (JSON-serialisable, so the load path is tested too).
 LORA_REFUSED = {
@@ -79,7 +80,6 @@ LORA_REFUSED = {
     "monteclora_config": {"num_samples": 2},
     "layer_replication": [[0, 1]],
     "lora_bias": True,
-    "target_parameters": ["experts.weight"],
     "use_bdlora": {"nblocks": 2},
     "arrow_config": {"top_k": 2},
     "kasa_config": {"beta": 1.0},

@@ -61,10 +61,6 @@ MHA = (
     ValueError, r"cannot adapt 'mha' of type torch\.nn\.modules\.activation\.MultiheadAttention",
     r"Remove it from target_modules \(or exclude it with exclude_modules\)",
 )
-TARGET_PARAMETERS = (
-    ValueError, r"target_parameters=\['lin\d\.weight'\]: adapting bare nn\.Parameters is LoRA-only",
-    r"target their modules with target_modules or use peft\.LoraConfig\(target_parameters=",
-)
 MONTECLORA = (ValueError, r"monteclora_config=.*MonteCLoRA is a PEFT LoRA variant", _LORA_WAY_OUT)
 BDLORA = (ValueError, r"use_bdlora=.*BD-LoRA is a PEFT LoRA variant", _LORA_WAY_OUT)
 
@@ -109,8 +105,8 @@ EXPECTED = {
     "Conv3d 1 LoRA with lora_b bias": LORA_BIAS,
     "MHA 1 LoRA": MHA,
     "MHA 2 LoRA": MHA,
-    "MLP 1 using nn.Parameter LoRA": TARGET_PARAMETERS,
-    "MLP 2 using nn.Parameter LoRA": TARGET_PARAMETERS,
+    "MLP 1 using nn.Parameter LoRA": SUPPORTED,
+    "MLP 2 using nn.Parameter LoRA": SUPPORTED,
     "Vanilla MLP 1 LoRA with Monteclora": MONTECLORA,
     "BD-LoRA A only": BDLORA,
     "BD-LoRA B only": BDLORA,

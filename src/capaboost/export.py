@@ -10,6 +10,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .lora.config import CapaBoostLoraConfig
 from .lora.layer import CapaBoostLoraLayer, Embedding
+from .lora.param import ParamWrapper
 
 
 def _training_flags(model: torch.nn.Module) -> dict[str, bool]:
@@ -41,7 +42,8 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
     ``lora_alpha = d * alpha`` keeps the scaling alpha / r (alpha: the layer's, which includes the
     ``scale_by_density`` factor 1 / (d*s^2) when that option is on). A CapaBoost-DoRA adapter becomes
     ``LoraConfig(use_dora=True)`` with the same ``lora_magnitude_vector``: DoRA's norm depends only on ΔW = B_cat A_cat,
-    so the outputs are equal. Like ``merge_and_unload`` this converts IN
+    so the outputs are equal. ``target_parameters`` adapters become ``LoraConfig(target_parameters=...)`` with PEFT's
+    ParamWrapper factors of rank d*r (see :meth:`capaboost.lora.param.ParamWrapper.lora_weights`). Like ``merge_and_unload`` this converts IN
     PLACE: ``model`` is unloaded (all its adapters removed) and must not be used afterwards; the
     returned model wraps the same base model.
     """
@@ -57,17 +59,22 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
     flags = _training_flags(model)
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     lora_state = {k: v for k, v in state.items() if ".cblora_" not in k}
-    ranks, alphas = {}, {}
+    ranks, alphas, parameters = {}, {}, []
     with torch.no_grad():
-        for module in model.modules():
+        for path, module in model.named_modules():
             if not isinstance(module, CapaBoostLoraLayer) or adapter_name not in module.cblora_A:
                 continue
             name, d = module.capaboost_name, module.capaboost_pairs[adapter_name].spec.num_copies
             a_cat, b_cat = module.lora_weights(adapter_name)
             key_a, key_b = _lora_keys(module)
-            lora_state[f"base_model.model.{name}.{key_a}"] = a_cat.detach().clone()
-            lora_state[f"base_model.model.{name}.{key_b}"] = b_cat.detach().clone()
+            # a parameter target's name is the parameter's; its factors live at its (possibly nested) wrapper
+            # (PEFT's LoRA nests its ParamWrappers in the same order: the same injection code)
+            prefix = path if isinstance(module, ParamWrapper) else f"base_model.model.{name}"
+            lora_state[f"{prefix}.{key_a}"] = a_cat.detach().clone()
+            lora_state[f"{prefix}.{key_b}"] = b_cat.detach().clone()
             ranks[name], alphas[name] = d * module.r[adapter_name], d * module.lora_alpha[adapter_name]
+            if isinstance(module, ParamWrapper):
+                parameters.append(name)
     if not ranks:
         raise ValueError(f"adapter {adapter_name!r} has no CapaBoost-LoRA layers to export.")
 
@@ -75,7 +82,8 @@ def export_as_lora(model: PeftModel, adapter_name: str = "default") -> PeftModel
     lora_config = LoraConfig(
         r=r0,
         lora_alpha=a0,
-        target_modules=sorted(ranks),
+        target_modules=sorted(n for n in ranks if n not in parameters),
+        target_parameters=sorted(parameters) or None,
         rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
         alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
         lora_dropout=config.lora_dropout,

@@ -61,9 +61,14 @@ class MaskCheckMixin:
         if current_key is None:
             raise ValueError("current_key must not be None")
         kwargs = self._layer_kwargs(config, current_key)
-        if isinstance(target, self.tuner_layer_cls):
+        # target_parameters: PEFT passes the parameter's own name; a tuner layer that wraps ANOTHER parameter of the
+        # same module is nested (a new wrapper around it), one that wraps this parameter takes the new adapter
+        parameter_name = optional_kwargs.get("parameter_name")
+        if isinstance(target, self.tuner_layer_cls) and getattr(target, "parameter_name", None) == parameter_name:
             target.update_layer(adapter_name, **kwargs)
             return
+        if parameter_name is not None:
+            kwargs["parameter_name"] = parameter_name
         new_module = self._new_layer(config, adapter_name, target, base_module_name(current_key), **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
@@ -78,7 +83,8 @@ class MaskCheckMixin:
     def _post_injection_hook(self, model: torch.nn.Module, config: Any, adapter_name: str) -> None:
         """A copies/density pattern that matches no adapted module is a typo: its masks would silently differ."""
         for field in ("copies_pattern", "density_pattern"):
-            unmatched = unmatched_keys(getattr(config, field, None), self.targeted_module_names)
+            names = self.targeted_module_names + getattr(self, "targeted_parameter_names", [])
+            unmatched = unmatched_keys(getattr(config, field, None), names)
             if unmatched:
                 raise ValueError(
                     f"{field} keys {unmatched} match no adapted module; adapted modules are e.g. "

@@ -33,10 +33,6 @@ LORA_ONLY_OPTIONS: dict[str, str] = {
     "monteclora_config": f"MonteCLoRA {_LORA_VARIANT}",
     "layer_replication": "replicate the layers before get_peft_model, or use peft.LoraConfig(layer_replication=...)",
     "lora_bias": "B has no bias of its own; to train the adapted layers' biases use bias='cblora_only'",
-    "target_parameters": "adapting bare nn.Parameters is LoRA-only: masked copies of a parameter tensor (e.g. MoE "
-    "experts stored as one (experts, in, out) tensor, PEFT's lora.ParamWrapper) are not implemented; where the "
-    "weights belong to nn.Linear layers, target their modules with target_modules or use "
-    "peft.LoraConfig(target_parameters=...)",
     "use_bdlora": f"BD-LoRA {_LORA_VARIANT}",
     "arrow_config": f"Arrow routing {_LORA_VARIANT}",
     "kasa_config": f"KaSA {_LORA_VARIANT}",
@@ -87,6 +83,15 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
             "follows the embedding's rows. PEFT's own TrainableTokensWrapper, no masks."
         },
     )
+    target_parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "As peft.LoraConfig: names of nn.Parameters to adapt directly (e.g. MoE experts stored as one "
+            "(experts, in, out) tensor), matched at the end of their full names. PEFT's ParamWrapper mechanics (the "
+            "module's forward sees W + ΔW), with masks keyed by the parameter name; lora_dropout, fan_in_fan_out "
+            "and use_dora are refused there, as in PEFT."
+        },
+    )
     scale_by_density: bool = field(
         default=False,
         metadata={
@@ -111,7 +116,6 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
     monteclora_config: Optional[Any] = None
     layer_replication: Optional[list] = None
     lora_bias: bool = False
-    target_parameters: Optional[list[str]] = None
     use_bdlora: Optional[Any] = None
     arrow_config: Optional[Any] = None
     kasa_config: Optional[Any] = None
@@ -131,6 +135,9 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
             if value not in (None, False, {}, []) and value != self.__dataclass_fields__[name].default:
                 raise ValueError(f"CapaBoostLoraConfig does not support {name}={value!r}: {advice}.")
         self._validate_token_indices()
+        tp = self.target_parameters
+        if tp is not None and (isinstance(tp, str) or not all(isinstance(n, str) for n in tp)):
+            raise ValueError(f"target_parameters must be a list of parameter names (as PEFT), got {tp!r}.")
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(
                 f"CapaBoostLoraConfig does not support init_lora_weights={self.init_lora_weights!r}: use True (B = 0, "

@@ -15,6 +15,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ..tuner import MaskCheckMixin
 from .config import CapaBoostLoraConfig
 from .layer import CapaBoostLoraLayer, create_module
+from .param import ParamWrapper
 from .quantized import dispatch_quantized
 
 class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
@@ -38,6 +39,26 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
                 f"Its linear layers are named: {leaves[:20]}; fix target_modules."
             )
 
+    def _check_new_adapter_config(self, config: CapaBoostLoraConfig) -> None:
+        """As PEFT's LoraModel: adapters that use target_parameters must target the same parameters, since which
+        parameter a factor belongs to is its wrapper's place in the nesting (and so in the state-dict keys)."""
+        super()._check_new_adapter_config(config)
+        targets = set(config.target_parameters or [])
+        for name, other in self.peft_config.items():
+            others = set(getattr(other, "target_parameters", None) or [])
+            if other is not config and targets and others and others != targets:
+                raise ValueError(
+                    "When using multiple adapters with target_parameters, all adapters must target the same "
+                    f"parameters, but got {sorted(targets)} for the new adapter and {sorted(others)} for {name!r}."
+                )
+
+    def _prepare_adapter_config(self, peft_config: CapaBoostLoraConfig, model_config: dict) -> CapaBoostLoraConfig:
+        """As PEFT's LoraModel: target_parameters alone (no target_modules) is a complete target list."""
+        if peft_config.target_modules is None and peft_config.target_parameters:
+            if self.target_module_mapping.get(model_config["model_type"]) is None:
+                return peft_config
+        return super()._prepare_adapter_config(peft_config, model_config)
+
     def _layer_kwargs(self, config: CapaBoostLoraConfig, current_key: str) -> dict[str, Any]:
         r, alpha = config.rank_and_alpha(current_key)
         alpha = alpha * config.update_scale(current_key)  # scale_by_density: the layer's scaling is alpha / r
@@ -51,6 +72,8 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
         )
 
     def _new_layer(self, config, adapter_name, target, name, **kwargs) -> torch.nn.Module:
+        if "parameter_name" in kwargs:  # target_parameters: the module's forward reads W + ΔW (see .param)
+            return ParamWrapper(target, adapter_name, name, fan_in_fan_out=config.fan_in_fan_out, **kwargs)
         # quantized bases first: bitsandbytes layers subclass nn.Linear, whose merge would write into packed storage
         new_module = dispatch_quantized(target, adapter_name, name, config, **kwargs)
         return new_module if new_module is not None else create_module(target, adapter_name, name, config, **kwargs)
@@ -61,8 +84,10 @@ class CapaBoostLoraModel(MaskCheckMixin, BaseTuner):
         """Unloading a ``trainable_token_indices`` wrapper gives back the embedding (or tied lm_head) it wraps, which
         owns its weight: BaseTuner would re-assign ``child.weight`` to it, and on this wrapper that is the merged
         tensor, not a Parameter (a TypeError in unload, merge_and_unload and export). PEFT's LoraModel does the plain
-        swap too; every other replacement keeps BaseTuner's behaviour."""
-        if isinstance(child, TrainableTokensWrapper):
+        swap too. Unloading (nested) parameter wrappers gives back the module that owns the parameters: BaseTuner
+        would look one wrapper deep for a ``weight`` that an experts module need not have. Every other replacement
+        keeps BaseTuner's behaviour."""
+        if isinstance(child, (TrainableTokensWrapper, ParamWrapper)):
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
