@@ -1,4 +1,7 @@
-"""CapaBoost-LoRA on nn.Conv2d: the one-conv forward equals the sum of d masked copies; exact merge."""
+"""CapaBoost-LoRA on nn.Conv2d: the one-conv forward equals the sum of d masked copies; exact merge. Grouped convs
+(Conv1d/2d/3d) as PEFT's LoRA: grouped B, r divisible by groups, merging refused."""
+
+import copy
 
 import pytest
 import torch
@@ -91,9 +94,13 @@ def test_nm_pattern_runs_along_flattened_kernel_input():
     assert (masks.reshape(2, 4, 9, 4).sum(-1) == 2).all()
 
 
-def test_grouped_conv_is_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match=r"'dw'.*groups=8.*exclude_modules"):
+def test_grouped_conv_needs_r_divisible_by_groups():
+    with pytest.raises(ValueError, match=r"'dw'.*grouped Conv2d \(groups=8\) and r=2 is not divisible.*exclude_modules"):
         make(targets=("dw",))
+    with pytest.raises(ValueError, match=r"'g'.*groups=4\) and r=6 .*Choose an r divisible by 4"):
+        get_peft_model(GroupedNet(2), CapaBoostLoraConfig(r=6, target_modules=["g"]))
+    with pytest.warns(UserWarning, match=r"'dw', a grouped Conv2d \(groups=8\): merging it is not supported"):
+        make(targets=("dw",), r=8)  # depthwise: r a multiple of the groups
 
 
 def test_non_zero_padding_mode_is_refused():
@@ -148,3 +155,167 @@ def test_export_as_lora_matches_and_refuses_dilation():
     with pytest.raises(ValueError, match=r"dilation=\(2, 2\).*merge_and_unload"):
         export_as_lora(dilated)
     assert isinstance(dilated.base_model.model.conv, Conv2d)  # refused before unloading anything
+
+
+# ------------------------------------------------------------------------------------------------ grouped convs
+CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
+SHAPES = {1: (2, 8, 11), 2: (2, 8, 9, 7), 3: (2, 8, 5, 6, 7)}
+MERGE_REFUSED = r"cannot merge .*'g': it is a grouped Conv\dd \(groups=4\).*exclude the grouped conv with exclude_modules"
+
+
+class GroupedNet(nn.Module):
+    """A grouped conv (groups=4, stride 2, padding 1) before a linear head."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+        self.g = CONV[dims][0](8, 12, kernel_size=3, stride=2, padding=1, groups=4)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.g(x)).mean(tuple(range(2, 2 + self.dims))))
+
+
+def make_grouped(dims, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(r=8, lora_alpha=4, num_copies=2, mask_density=0.5, mask_seed=7, init_lora_weights=False)
+    cfg.update(kw)
+    with pytest.warns(UserWarning, match="merging it is not supported"):
+        return get_peft_model(GroupedNet(dims), CapaBoostLoraConfig(target_modules=["g"], **cfg))
+
+
+def stored_a(a: torch.Tensor, groups: int) -> torch.Tensor:
+    """PEFT's lora_A weight (r, in_channels, *kernel) -> CapaBoost's stored A (r/G, G*fan_in)."""
+    rows = a.shape[0] // groups
+    return a.reshape(groups, rows, -1).transpose(0, 1).reshape(rows, -1)
+
+
+def peft_a(a_stored: torch.Tensor, groups: int, kernel_shape) -> torch.Tensor:
+    """The inverse of :func:`stored_a`."""
+    rows = a_stored.shape[0]
+    return a_stored.reshape(rows, groups, -1).transpose(0, 1).reshape(groups * rows, *kernel_shape)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_grouped_d1_s1_is_peft_lora(dims):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    base = GroupedNet(dims)
+    x = torch.randn(SHAPES[dims])
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=4, target_modules=["g"],
+                                                          init_lora_weights=False))
+    with pytest.warns(UserWarning, match="merging it is not supported"):
+        cb = get_peft_model(copy.deepcopy(base), CapaBoostLoraConfig(
+            r=8, lora_alpha=4, num_copies=1, mask_density=1.0, target_modules=["g"], init_lora_weights=False))
+    ll, cl = lora.base_model.model.g, cb.base_model.model.g
+    a, b = ll.lora_A["default"].weight, ll.lora_B["default"].weight  # (8, 8, k..), (12, 2, 1..): grouped B
+    pair = cl.capaboost_pairs["default"]
+    assert cb.get_nb_trainable_parameters() == lora.get_nb_trainable_parameters()
+    assert pair.A.shape == (2, 4 * a[0].numel()) and pair.B.shape == (12, 2)
+    # the same init as PEFT: A kaiming-uniform for the kernel's fan_in (not the stored layout's)
+    bound = 1 / a[0].numel() ** 0.5
+    packed_a = cl.cblora_A["default"].detach()
+    assert bound * 0.9 < packed_a.abs().max() <= bound
+    with torch.no_grad():
+        cl.cblora_A["default"].copy_(pair.A.pack(stored_a(a, 4)))
+        cl.cblora_B["default"].copy_(pair.B.pack(b.reshape(b.shape[0], -1)))
+    a_cat, b_cat = cl.lora_weights("default")  # what export_as_lora writes: PEFT's factors exactly
+    assert torch.equal(a_cat, a) and torch.equal(b_cat, b)
+    assert torch.equal(peft_a(pair.A.unpack(cl.cblora_A["default"].detach()), 4, a.shape[1:]), a)
+    lora.eval(), cb.eval()
+    torch.testing.assert_close(cb(x), lora(x), atol=1e-6, rtol=1e-6)
+    lora.train(), cb.train()
+    lora(x).sum().backward()
+    cb(x).sum().backward()
+    torch.testing.assert_close(cl.cblora_A["default"].grad, pair.A.pack(stored_a(a.grad, 4)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cl.cblora_B["default"].grad, pair.B.pack(b.grad.reshape(12, -1)), atol=1e-5, rtol=1e-5)
+    # PEFT refuses to merge a grouped conv; so does CapaBoost, by name
+    lora.eval(), cb.eval()
+    with pytest.raises(NotImplementedError):
+        lora.merge_and_unload()
+    with pytest.raises(NotImplementedError, match=MERGE_REFUSED):
+        cb.merge_and_unload()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_grouped_forward_is_the_sum_of_masked_copies(dims):
+    model = make_grouped(dims).eval()
+    layer = model.base_model.model.g
+    conv, conv_fn = layer.get_base_layer(), CONV[dims][1]
+    pair = layer.capaboost_pairs["default"]
+    a = pair.A.unpack(layer.cblora_A["default"].detach())
+    b = pair.B.unpack(layer.cblora_B["default"].detach())
+    x = torch.randn(SHAPES[dims])
+    expected = conv(x)
+    for ma, mb in zip(pair.A.masks, pair.B.masks):  # copy by copy, each a PEFT grouped-conv LoRA of rank r
+        kernel = peft_a(a * ma, 4, (8, *conv.kernel_size))
+        h = conv_fn(x, kernel, None, conv.stride, conv.padding)
+        up = (b * mb).reshape(12, 2, *(1,) * dims)
+        expected = expected + layer.scaling["default"] * conv_fn(h, up, groups=4)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    counts = parameter_counts(model)["modules"]["g"]
+    assert counts["dense"] == 8 * 8 * 3**dims + 12 * 2  # PEFT's: A (r, in, k..), B (out, r/groups)
+    assert counts["union"] == layer.cblora_A["default"].numel() + layer.cblora_B["default"].numel() < counts["dense"]
+
+
+def test_grouped_merge_refused_disable_mixed_train_save_reload(tmp_path):
+    model = make_grouped(2).eval()
+    layer = model.base_model.model.g
+    x = torch.randn(SHAPES[2])
+    out = model(x)
+    with model.disable_adapter():
+        base_out = model(x)
+    assert not torch.allclose(out, base_out)
+    w0 = layer.get_base_layer().weight.detach().clone()
+    with pytest.raises(NotImplementedError, match=MERGE_REFUSED):
+        model.merge_adapter()
+    assert not layer.merged and torch.equal(layer.get_base_layer().weight, w0)
+    assert torch.equal(model(x), out)
+    # mixed batches: row 0 with the adapter, row 1 without
+    mixed = model(x, adapter_names=["default", "__base__"])
+    torch.testing.assert_close(mixed, torch.cat([out[:1], base_out[1:]]), atol=1e-6, rtol=1e-6)
+    model.train()
+    model(x).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {n for n, p in model.named_parameters() if "cblora_" in n}
+    model.eval()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="merging it is not supported"):
+        reloaded = PeftModel.from_pretrained(GroupedNet(2), tmp_path).eval()
+    assert torch.equal(reloaded(x), out)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_grouped_export_as_lora_matches(dims):
+    from capaboost import export_as_lora
+
+    model = make_grouped(dims, num_copies=3).eval()
+    x = torch.randn(SHAPES[dims])
+    expected = model(x)
+    lora = export_as_lora(model).eval()
+    assert lora.peft_config["default"].r == 24  # d*r
+    layer = lora.base_model.model.g
+    assert layer.lora_A["default"].weight.shape == (24, 8, *(3,) * dims)
+    assert layer.lora_B["default"].weight.shape == (12, 6, *(1,) * dims)  # grouped B: d*r/groups
+    torch.testing.assert_close(lora(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_delta_ranks_is_the_rank_of_the_composed_kernel():
+    # ΔW of a grouped adapter is a full conv kernel K[o, i, ...] = sum over o's group's channels c of B[o, c] A[c, i, ...]
+    # (merging cannot hold it, but its rank is what rank accounting reports); groups=4, d*r=16, out=12
+    model = make_grouped(2)
+    layer = model.base_model.model.g
+    a, b = (w.detach().double() for w in layer.lora_weights("default"))  # PEFT's layout: (16, 8, 3, 3), (12, 4, 1, 1)
+    groups, out = 4, 12
+    kernel = torch.cat([
+        torch.einsum("oc,cikl->oikl", b[g * out // groups : (g + 1) * out // groups, :, 0, 0],
+                     a[g * a.shape[0] // groups : (g + 1) * a.shape[0] // groups])
+        for g in range(groups)
+    ])
+    expected = int(torch.linalg.matrix_rank(kernel.reshape(out, -1)))
+    assert expected > 2 * 8 // groups  # more than the stored layout's d*r/G = 4 rows could give
+    assert delta_ranks(model)["g"] == expected
+    dense = make_grouped(2, r=4, num_copies=1, mask_density=1.0)  # d=1, s=1: PEFT's grouped LoRA of rank r = 4
+    assert delta_ranks(dense)["g"] == 4

@@ -207,8 +207,12 @@ def test_convnd_save_reload_and_export(dims, cls, conv_fn, shape, tmp_path):
 @pytest.mark.parametrize("dims", [1, 3])
 def test_convnd_refusals(dims):
     kind = f"Conv{dims}d"
-    with pytest.raises(ValueError, match=rf"'grouped'.*grouped/depthwise {kind} \(groups=2\).*cannot be merged"):
-        make_conv(dims, targets=("grouped",))
+    with pytest.raises(ValueError, match=rf"'grouped'.*grouped {kind} \(groups=2\) and r=3 is not divisible"):
+        make_conv(dims, targets=("grouped",), r=3)
+    with pytest.warns(UserWarning, match="merging it is not supported"):
+        grouped = make_conv(dims, targets=("grouped",))  # r=2: supported, as PEFT's LoRA (tests/test_conv_lora.py)
+    with pytest.raises(NotImplementedError, match=rf"cannot merge .*grouped {kind} \(groups=2\)"):
+        grouped.merge_adapter()
     dilated = make_conv(dims, targets=("dilated",))
     with pytest.raises(ValueError, match=rf"{kind} has dilation=\(2,.*merge_and_unload"):
         export_as_lora(dilated)

@@ -38,6 +38,8 @@ def delta_ranks(model: torch.nn.Module, adapter_name: Optional[str] = None) -> d
         for module, adapter, pair in _layers(model, adapter_name):
             packed_a, packed_b = (p.detach().double() for p in module.packed_factors(adapter))
             a_cat, b_cat = pair.cat(packed_a, packed_b)
+            if hasattr(module, "full_factors"):  # conv layers: the map as one product (grouped: block-diagonal B)
+                a_cat, b_cat = module.full_factors(a_cat, b_cat)
             _, r_b = torch.linalg.qr(b_cat)  # b_cat = Q_b R_b
             _, r_a = torch.linalg.qr(a_cat.t())  # a_cat^T = Q_a R_a
             core = r_b @ r_a.t()

@@ -61,7 +61,8 @@ def check_patterns(base_model: nn.Module, config: CapaBoostLoraConfig, adapted: 
             if bad:
                 raise AllocationError(
                     f"{field_name} key {key!r} names {', '.join(bad[:3])}, which CapaBoost-LoRA cannot adapt "
-                    "(supported: nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d/2d/3d with groups=1); "
+                    "(the allocator places: nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d/2d/3d with groups=1; "
+                    "a grouped conv needs r divisible by its groups, which the allocator's ranks do not keep); "
                     "remove the key."
                 )
             hint = f"it matches {named[:3]}, which are not in target_modules" if named else "it matches no module"

@@ -19,7 +19,6 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 
 from ..masks import fingerprint
-from ..packing import MaskedPair
 from .config import CapaBoostLoraConfig
 from .layer import CapaBoostLoraLayer
 
@@ -133,7 +132,7 @@ def hotswap_adapter_from_state_dict(
         pair = module.capaboost_pairs[adapter_name]
         spec = config.mask_spec(key)
         if spec != pair.spec:
-            pair = MaskedPair(spec, key, r, module.factor_in_features, module.out_features)
+            pair = module.make_pair(spec, r)  # the layer's own layout (grouped convs store A by group)
         packed = (module.cblora_A[adapter_name], module.cblora_B[adapter_name])
         for old_val, factor, suffix in zip(packed, (pair.A, pair.B), _SUFFIXES):
             new_val = state_dict[name + suffix]

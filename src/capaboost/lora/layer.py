@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Optional
 
@@ -16,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from ..masks import MaskSpec
 from ..packing import MaskedPair, linear_init, warn_dense_copies
 from ..tuner import mixed_batch_error
+from .conv import ConvLoraMixin
 from .dora import DoraLinearMixin
 
 
@@ -62,7 +62,7 @@ class CapaBoostLoraLayer(BaseTunerLayer):
             raise ValueError(f"r must be an integer >= 1, got {r}.")
         self._check_dora(use_dora)
         warn_dense_copies(spec)
-        pair = MaskedPair(spec, self.capaboost_name, r, self.factor_in_features, self.out_features)
+        pair = self.make_pair(spec, r)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -93,6 +93,10 @@ class CapaBoostLoraLayer(BaseTunerLayer):
     def factor_in_features(self) -> int:
         """Columns of the down factor A: the input features (a conv's in_channels * kernel area)."""
         return self.in_features
+
+    def make_pair(self, spec: MaskSpec, r: int) -> MaskedPair:
+        """The masked (A, B) pair of an adapter of rank ``r`` (a grouped conv lays its factors out otherwise)."""
+        return MaskedPair(spec, self.capaboost_name, r, self.factor_in_features, self.out_features)
 
     def packed_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cblora_A[adapter], self.cblora_B[adapter]
@@ -237,91 +241,6 @@ class Linear(DoraLinearMixin, _Wrapper):
         )
 
 
-class _ConvNd(_Wrapper):
-    """CapaBoost-LoRA around a groups=1 ``nn.Conv{1,2,3}d``, as PEFT's LoRA: A is a conv with the base kernel, B a
-    pointwise conv.
-
-    A is masked as an (r, in_channels*prod(kernel)) matrix (N:M groups run along that flattened input), B as
-    (out_channels, r). The d copies run as ONE conv with d*r output channels and one pointwise conv, and
-    B_cat @ A_cat reshaped to the kernel is ΔW exactly, so merging is exact.
-    """
-
-    conv_type: type = nn.Conv2d
-    conv_fn = staticmethod(F.conv2d)
-
-    def _check_base_layer(self) -> None:
-        conv, name, kind = self.get_base_layer(), self.capaboost_name, self.conv_type.__name__
-        if conv.groups != 1:
-            raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {name!r}: it is a grouped/depthwise {kind} (groups={conv.groups}), whose "
-                "ΔW is not one low-rank matrix (PEFT's LoRA adapts it with a grouped B that cannot be merged). Target "
-                "only convs with groups=1 (e.g. pointwise convs), or exclude it with exclude_modules."
-            )
-        pointwise = all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
-        if type(conv).forward is not self.conv_type.forward and not pointwise:
-            raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {name!r}: {type(conv).__name__} overrides {kind}.forward "
-                "(e.g. timm's Conv2dSame pads dynamically), so the adapter conv could not reproduce its padding. "
-                "Only its 1x1/stride-1 convs can be targeted; exclude it with exclude_modules."
-            )
-        if conv.padding_mode != "zeros":
-            raise ValueError(
-                f"CapaBoost-LoRA cannot adapt {name!r}: {kind} padding_mode={conv.padding_mode!r} is not "
-                "supported (only 'zeros'); exclude it with exclude_modules."
-            )
-
-    @property
-    def factor_in_features(self) -> int:
-        conv = self.get_base_layer()
-        return conv.in_channels * math.prod(conv.kernel_size)
-
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        return super().get_delta_weight(adapter).reshape(self.get_base_layer().weight.shape)
-
-    def lora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        conv = self.get_base_layer()
-        if any(d != 1 for d in conv.dilation):
-            raise ValueError(
-                f"cannot export {self.capaboost_name!r} as PEFT LoRA: its {self.conv_type.__name__} has dilation="
-                f"{conv.dilation}, which PEFT's LoRA conv ignores (it would change the outputs). Merge it instead "
-                "(merge_and_unload)."
-            )
-        a_cat, b_cat = super().lora_weights(adapter)
-        return a_cat.reshape(a_cat.shape[0], *conv.weight.shape[1:]), self._pointwise(b_cat)
-
-    def _pointwise(self, b_cat: torch.Tensor) -> torch.Tensor:
-        """B_cat (out x d*r) as the weight of a pointwise conv of the base's dimensionality."""
-        return b_cat.reshape(*b_cat.shape, *(1,) * len(self.get_base_layer().kernel_size))
-
-    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        conv = self.get_base_layer()
-        a_cat, b_cat = self.cat_factors(adapter)
-        kernel = a_cat.reshape(a_cat.shape[0], conv.in_channels, *conv.kernel_size)
-        h = self.conv_fn(x, kernel, None, conv.stride, conv.padding, conv.dilation)  # d*r channels at once
-        return result + (self.conv_fn(h, self._pointwise(b_cat)) * self.scaling[adapter]).to(result.dtype)
-
-
-class Conv1d(_ConvNd):
-    """CapaBoost-LoRA around ``nn.Conv1d`` (groups=1); see :class:`_ConvNd`."""
-
-    conv_type = nn.Conv1d
-    conv_fn = staticmethod(F.conv1d)
-
-
-class Conv2d(_ConvNd):
-    """CapaBoost-LoRA around ``nn.Conv2d`` (groups=1); see :class:`_ConvNd`."""
-
-    conv_type = nn.Conv2d
-    conv_fn = staticmethod(F.conv2d)
-
-
-class Conv3d(_ConvNd):
-    """CapaBoost-LoRA around ``nn.Conv3d`` (groups=1); see :class:`_ConvNd`."""
-
-    conv_type = nn.Conv3d
-    conv_fn = staticmethod(F.conv3d)
-
-
 class Embedding(_Wrapper):
     """CapaBoost-LoRA around ``nn.Embedding``, as PEFT's LoRA Embedding.
 
@@ -366,6 +285,31 @@ class Embedding(_Wrapper):
         return result + delta.to(result.dtype)
 
 
+class _ConvNd(ConvLoraMixin, _Wrapper):
+    """CapaBoost-LoRA around ``nn.Conv{1,2,3}d`` (grouped too); see :class:`capaboost.lora.conv.ConvLoraMixin`."""
+
+
+class Conv1d(_ConvNd):
+    """CapaBoost-LoRA around ``nn.Conv1d``; see :class:`_ConvNd`."""
+
+    conv_type = nn.Conv1d
+    conv_fn = staticmethod(F.conv1d)
+
+
+class Conv2d(_ConvNd):
+    """CapaBoost-LoRA around ``nn.Conv2d``; see :class:`_ConvNd`."""
+
+    conv_type = nn.Conv2d
+    conv_fn = staticmethod(F.conv2d)
+
+
+class Conv3d(_ConvNd):
+    """CapaBoost-LoRA around ``nn.Conv3d``; see :class:`_ConvNd`."""
+
+    conv_type = nn.Conv3d
+    conv_fn = staticmethod(F.conv3d)
+
+
 def create_module(
     target: nn.Module, adapter_name: str, capaboost_name: str, config: Any, **layer_kwargs: Any
 ) -> nn.Module:
@@ -385,6 +329,6 @@ def create_module(
     raise ValueError(
         f"CapaBoost-LoRA cannot adapt {capaboost_name!r} of type {type(base).__module__}.{type(base).__name__}: "
         "supported layer types are torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding and "
-        "torch.nn.Conv1d/Conv2d/Conv3d (groups=1). "
+        "torch.nn.Conv1d/Conv2d/Conv3d (grouped too). "
         "Remove it from target_modules (or exclude it with exclude_modules)."
     )

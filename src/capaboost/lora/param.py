@@ -97,7 +97,7 @@ class ParamWrapper(nn.Module, CapaBoostLoraLayer):
                     "target the parameter's module with target_modules if it is an nn.Linear."
                 )
         warn_dense_copies(spec)
-        pair = MaskedPair(spec, self.capaboost_name, r * self.num_experts, self.in_features, self.out_features)
+        pair = self.make_pair(spec, r)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.lora_dropout[adapter_name] = nn.Identity()
@@ -107,6 +107,10 @@ class ParamWrapper(nn.Module, CapaBoostLoraLayer):
         )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def make_pair(self, spec: MaskSpec, r: int) -> MaskedPair:
+        """PEFT's ParamWrapper factors: A (r*experts, in), B (out, r*experts); one pair holds every expert."""
+        return MaskedPair(spec, self.capaboost_name, r * self.num_experts, self.in_features, self.out_features)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """To the target parameter's device and (floating) dtype: the base module may have no ``weight``."""
