@@ -319,3 +319,16 @@ def test_grouped_delta_ranks_is_the_rank_of_the_composed_kernel():
     assert delta_ranks(model)["g"] == expected
     dense = make_grouped(2, r=4, num_copies=1, mask_density=1.0)  # d=1, s=1: PEFT's grouped LoRA of rank r = 4
     assert delta_ranks(dense)["g"] == 4
+
+
+def test_grouped_nm_masks_stay_within_a_group_block():
+    # 2:4 on GroupedNet (fan-in 8*3 = 24 per row of PEFT's A): every exported row keeps <= 2 of each 4 entries
+    model = make_grouped(1, r=16, mask_pattern="2:4")  # r/groups = 4 columns of B: divisible by M too
+    a, _ = model.base_model.model.g.lora_weights("default")  # (d*r, in, k) = (32, 8, 3)
+    kept = (a.reshape(a.shape[0], -1, 4) != 0).sum(-1)
+    assert kept.max() <= 2 and kept.sum() > 0
+    # a fan-in of 2*3 = 6 is not divisible by M=4: a group of 4 would straddle two group blocks of the stored A
+    net = nn.Sequential(nn.Conv1d(2, 4, kernel_size=3, groups=2))
+    with pytest.raises(ValueError, match=r"kernel fan-in 6 is not divisible by M=4.*mask_pattern='random'"):
+        get_peft_model(net, CapaBoostLoraConfig(target_modules=["0"], r=8, num_copies=2, mask_density=0.5,
+                                                mask_pattern="2:4"))

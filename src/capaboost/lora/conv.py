@@ -78,6 +78,14 @@ class ConvLoraMixin:
 
     def make_pair(self, spec: MaskSpec, r: int) -> MaskedPair:
         groups = self.get_base_layer().groups
+        if groups > 1 and spec.nm is not None and self.factor_in_features % spec.nm[1]:
+            # A is stored as its G row blocks side by side: an N:M group must not straddle two blocks, or the
+            # exported (d*r, in*kernel) factor would not be N:M row by row
+            raise ValueError(
+                f"CapaBoost-LoRA cannot put mask_pattern={spec.pattern!r} on {self.capaboost_name!r}: it is a grouped "
+                f"{self.conv_type.__name__} whose kernel fan-in {self.factor_in_features} is not divisible by "
+                f"M={spec.nm[1]}. Use mask_pattern='random' for it, or exclude it with exclude_modules."
+            )
         return MaskedPair(spec, self.capaboost_name, r // groups, groups * self.factor_in_features, self.out_features)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
