@@ -120,16 +120,26 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         return (delta * self.scaling[adapter]).to(dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base_layer = self.get_base_layer()
-        for adapter in adapter_names:
-            if adapter not in self.cblora_A:
-                continue
-            merged = self._merged_weight(base_layer.weight.data, adapter)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base_layer.weight.data = merged
-            self.merged_adapters.append(adapter)
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in self.cblora_A:
+                self._merge_one(adapter, safe_merge)
+                self.merged_adapters.append(adapter)
+
+    def _merge_target(self) -> torch.Tensor:
+        """The tensor ΔW is merged into (a parameter wrapper's is its target parameter, not ``weight``)."""
+        return self.get_base_layer().weight
+
+    def _merge_one(self, adapter: str, safe_merge: bool) -> None:
+        """Merge one adapter into :meth:`_merge_target`; quantized bases override it to re-quantize."""
+        target = self._merge_target()
+        merged = self._merged_weight(target.data, adapter)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        target.data = merged
+
+    def _unmerge_one(self, adapter: str) -> None:
+        target = self._merge_target()
+        target.data = self._unmerged_weight(target.data, adapter)
 
     def _merged_weight(self, weight: torch.Tensor, adapter: str) -> torch.Tensor:
         """``weight`` with ``adapter`` merged in (a new tensor); DoRA overrides it."""
@@ -143,11 +153,10 @@ class CapaBoostLoraLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.cblora_A:
-                weight.data = self._unmerged_weight(weight.data, adapter)
+                self._unmerge_one(adapter)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

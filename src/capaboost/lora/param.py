@@ -25,7 +25,6 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 from peft.tuners.lora.layer import _LoraParameterProxy
-from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from ..masks import MaskSpec
 from ..packing import MaskedPair, linear_init, warn_dense_copies
@@ -178,26 +177,8 @@ class ParamWrapper(nn.Module, CapaBoostLoraLayer):
                 del stack[i]
                 break
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.cblora_A:
-                continue
-            param = self.get_param()
-            merged = param.data + self.get_delta_weight(adapter)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            param.data = merged
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.cblora_A:
-                param = self.get_param()
-                param.data = param.data - self.get_delta_weight(adapter)
+    def _merge_target(self) -> torch.Tensor:
+        return self.get_param()
 
     def unload_and_optionally_merge_module(
         self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]

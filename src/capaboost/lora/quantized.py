@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..quantize import _bnb, _import_torchao, _torchao_tensor
 from .layer import Linear
@@ -70,29 +70,19 @@ class _QuantizedLinear(Linear):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         self._requantize(merged.to(weight.dtype))
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def _merge_one(self, adapter: str, safe_merge: bool) -> None:
         if not self._base_is_quantized():
-            return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.cblora_A:
-                continue
-            warnings.warn(
-                f"Merging into a {self.backend} base layer re-quantizes it: outputs change by the rounding error. "
-                "For an exact merge call capaboost.lora.quantized.dequantize_base(model) first."
-            )
-            self._apply_delta(adapter, +1, safe_merge)
-            self.merged_adapters.append(adapter)
+            return super()._merge_one(adapter, safe_merge)
+        warnings.warn(
+            f"Merging into a {self.backend} base layer re-quantizes it: outputs change by the rounding error. "
+            "For an exact merge call capaboost.lora.quantized.dequantize_base(model) first."
+        )
+        self._apply_delta(adapter, +1, safe_merge)
 
-    def unmerge(self) -> None:
+    def _unmerge_one(self, adapter: str) -> None:
         if not self._base_is_quantized():
-            return super().unmerge()
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.cblora_A:
-                self._apply_delta(adapter, -1)
+            return super()._unmerge_one(adapter)
+        self._apply_delta(adapter, -1)
 
 
 class Linear4bit(_QuantizedLinear):
