@@ -225,7 +225,7 @@ def test_module_selection_fields():
 
 
 def test_rank_and_alpha_patterns_set_the_scaling():
-    model = get_peft_model(bert(), lora(rank_pattern={"query": 2}, alpha_pattern={"value": 32}))
+    model = get_peft_model(bert(), lora(rank_pattern={"query": 2}, alpha_pattern={"value": 32}, scale_by_density=False))
     scaling = {m.capaboost_name.rsplit(".", 1)[1]: (m.r["default"], m.scaling["default"])
                for m in model.modules() if isinstance(m, CapaBoostLoraLayer)}
     assert scaling == {"query": (2, 4.0), "value": (4, 8.0)}

@@ -294,7 +294,8 @@ def test_export_as_lora_writes_stock_peft_dora(conv1d, tmp_path):
     mags = {n: l.lora_magnitude_vector["default"].detach().clone() for n, l in layers(model).items()}
     exported = export_as_lora(model).eval()
     config = exported.peft_config["default"]
-    assert type(config) is LoraConfig and config.use_dora and config.r == 8 and config.lora_alpha == 16
+    # alpha carries scale_by_density (on by default): lora_alpha / (d*s^2) = 16 / 0.5
+    assert type(config) is LoraConfig and config.use_dora and config.r == 8 and config.lora_alpha == 32
     close(exported(X), out, 1e-5)
     for name, mag in mags.items():
         exact(exported.base_model.model.get_submodule(name).lora_magnitude_vector["default"].weight, mag)

@@ -324,7 +324,8 @@ def test_export_as_lora_matches_and_loads_in_stock_peft(tmp_path):
     a_cat, b_cat = (t.detach().clone() for t in layers(model)[0].cat_factors("default"))
     lora = export_as_lora(model)
     cfg = lora.peft_config["default"]
-    assert type(cfg) is LoraConfig and cfg.r == 8 and cfg.lora_alpha == 16
+    # rank d*r = 8 at the same scaling: alpha 8/4 * 8 = 16, times scale_by_density's 1/(d*s^2) = 2 (the default)
+    assert type(cfg) is LoraConfig and cfg.r == 8 and cfg.lora_alpha == 32
     first = [m for m in lora.modules() if hasattr(m, "lora_A")][0]
     assert torch.equal(first.lora_A["default"].weight, a_cat) and torch.equal(first.lora_B["default"].weight, b_cat)
     torch.testing.assert_close(lora(ids()).logits, out, rtol=0, atol=1e-5)

@@ -42,7 +42,8 @@ def test_metrics_json_has_the_documented_keys_and_counts(tmp_path, bert, cache):
     assert metrics["trainable_params"] == sum(p.numel() for n, p in model.named_parameters()
                                               if "cblora_" in n or "modules_to_save" in n)
     assert (tmp_path / "out" / "train.log").read_text().count(" validation accuracy=") == 2
-    assert metrics["config"]["mask_seed"] == 0 and metrics["config"]["lr"] == 1e-3  # the method's default (docs/reproduction.md)
+    assert metrics["config"]["mask_seed"] == 0 and metrics["config"]["lr"] == 5e-4  # the method's default: LoRA's (docs/reproduction.md)
+    assert metrics["config"]["scale_by_density"] is True
 
 
 def _manual_predictions(out_dir, task_name, data_dir, bert, cache, split="test"):

@@ -73,3 +73,39 @@ def test_an_edited_base_never_reuses_or_reports_the_old_result(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "epochs: 1 there, 2 now" in printed and "75.0" not in printed  # not reported as the new config's
     assert (out / "metrics.json").read_text() == before  # and not deleted either
+
+
+def test_a_changed_default_makes_a_run_stale_only_where_its_method_reads_the_option(tmp_path):
+    """scale_by_density became True by default. A lora run recorded with the old False never read it: still done.
+    A capaboost-lora run recorded before the option existed (no key) ran with the paper's scaling: it matches an
+    explicit False and is stale for the new default."""
+    from capaboost.train.report.sweep import stale_options
+    from capaboost.train.run_config import read_config_file
+
+    spec = _spec(tmp_path, epochs=1)
+    out = _finish(expand_sweep(read_config_file(spec))[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["scale_by_density"] is True
+    metrics["config"]["scale_by_density"] = False
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    assert [r["status"] for r in run_sweep(spec, dry_run=True)] == ["done"]
+
+    options = {"task": "sst2", "data_dir": str(tmp_path / "data"), "model": str(tmp_path / "model"),
+               "method": "capaboost-lora", "output_dir": str(tmp_path / "cb"), "tag": "cb"}
+    cb = _finish(options)
+    metrics = json.loads((cb / "metrics.json").read_text())
+    del metrics["config"]["scale_by_density"]
+    (cb / "metrics.json").write_text(json.dumps(metrics))
+    assert stale_options(cb, options) == {"scale_by_density": (False, True)}
+    assert stale_options(cb, {**options, "scale_by_density": False}) == {}
+
+
+def test_the_report_groups_seeds_across_a_changed_default_the_method_never_reads(tmp_path):
+    from capaboost.train.report.sweep import options_key
+
+    (tmp_path / "d").mkdir()
+    lora = make_config({"task": "sst2", "method": "lora", "data_dir": str(tmp_path / "d")}).resolved().to_dict()
+    assert options_key({**lora, "scale_by_density": False}) == options_key({**lora, "scale_by_density": True})
+    cb = make_config({"task": "sst2", "method": "capaboost-lora", "data_dir": str(tmp_path / "d")}).resolved().to_dict()
+    legacy = {k: v for k, v in cb.items() if k != "scale_by_density"}  # recorded before the option existed
+    assert options_key(legacy) == options_key({**cb, "scale_by_density": False}) != options_key(cb)

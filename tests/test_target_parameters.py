@@ -163,7 +163,8 @@ def test_export_as_stock_lora_gives_equal_outputs(case: str, tmp_path) -> None:
     assert all(any(n.endswith(t) for t in CASES[case][1]["target_parameters"]) for n in names)
     lora = export_as_lora(cb)
     config = lora.peft_config["default"]
-    assert type(config) is LoraConfig and config.r == 4 and config.lora_alpha == 8
+    # alpha carries scale_by_density (on by default): lora_alpha / (d*s^2) = 8 / 0.5
+    assert type(config) is LoraConfig and config.r == 4 and config.lora_alpha == 16
     assert sorted(config.target_parameters) == names  # full parameter names: each adapted parameter, exactly
     assert _wrappers(lora, LoraParamWrapper) and not _wrappers(lora, ParamWrapper)
     with torch.no_grad():

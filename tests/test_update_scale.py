@@ -47,7 +47,7 @@ def randomize(model, seed=3):
 
 def pair(**kw):
     """(paper scaling, scale_by_density) models with identical base, masks and packed values."""
-    plain = randomize(get_peft_model(bert(), config(**kw))).eval()
+    plain = randomize(get_peft_model(bert(), config(scale_by_density=False, **kw))).eval()
     scaled = randomize(get_peft_model(bert(), config(scale_by_density=True, **kw))).eval()
     return plain, scaled
 
@@ -80,9 +80,10 @@ def test_delta_weight_and_layer_output_scale_by_one_over_d_s2(kw, factors):
             torch.testing.assert_close(b(x) - base, f * (a(x) - base), rtol=1e-5, atol=1e-6)
 
 
-def test_default_is_off_and_value_is_checked():
-    assert config().scale_by_density is False
-    assert config().update_scale("query") == 1.0
+def test_default_is_on_and_value_is_checked():
+    """On by default: a user who swaps LoraConfig for CapaBoostLoraConfig keeps LoRA's lr (docs/reproduction.md)."""
+    assert config().scale_by_density is True
+    assert config(scale_by_density=False).update_scale("query") == 1.0
     with pytest.raises(ValueError, match="scale_by_density"):
         config(scale_by_density="yes")
 
@@ -137,6 +138,7 @@ def test_old_adapter_config_without_the_field_loads_with_the_paper_scaling(tmp_p
     saved = json.loads(path.read_text())
     assert saved.pop("scale_by_density") is False
     path.write_text(json.dumps(saved))
+    assert CapaBoostLoraConfig.from_pretrained(tmp_path).scale_by_density is False  # not the new default
     loaded = PeftModel.from_pretrained(bert(), tmp_path).eval()
     assert loaded.peft_config["default"].scale_by_density is False
     for layer in layers(loaded).values():
@@ -144,3 +146,24 @@ def test_old_adapter_config_without_the_field_loads_with_the_paper_scaling(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, expected, rtol=0, atol=0)
         assert not torch.allclose(loaded(IDS).logits, scaled(IDS).logits, atol=1e-4)
+    # load_adapter reads the file through the same hook
+    second = PeftModel.from_pretrained(bert(), tmp_path)
+    second.load_adapter(tmp_path, adapter_name="old")
+    second.set_adapter("old")
+    assert second.peft_config["old"].scale_by_density is False
+    with torch.no_grad():
+        torch.testing.assert_close(second.eval()(IDS).logits, expected, rtol=0, atol=0)
+
+
+def test_a_saved_default_config_records_the_option_and_loads_it(tmp_path):
+    """New files carry the key, so the legacy rule above never applies to them."""
+    model = randomize(get_peft_model(bert(), config(num_copies=2, mask_density=0.5))).eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["scale_by_density"] is True
+    loaded = PeftModel.from_pretrained(bert(), tmp_path).eval()
+    for layer in layers(loaded).values():
+        assert layer.scaling["default"] == pytest.approx(8 / 4 * 2.0)  # alpha / r / (d * s^2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, expected, rtol=0, atol=0)

@@ -95,7 +95,7 @@ def test_timm_efficientnet_all_dense_convs(tmp_path):
     a_cat, b_cat = layer.capaboost_pairs["default"].cat(*layer.packed_factors("default"))
     delta = layer.scaling["default"] * (b_cat @ a_cat).reshape(w0.shape)
     torch.testing.assert_close(layer.get_base_layer().weight, w0 + delta, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(reloaded(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reloaded(x), expected, atol=1e-4, rtol=1e-4)  # float32 rounding of W0 + ΔW
 
 
 @needs_timm

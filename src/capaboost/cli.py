@@ -84,8 +84,9 @@ HELP = {
     "gradients, ~30%% more compute; transformers models only, not prefix tuning",
     "quantize": "QLoRA-style frozen base (capaboost-lora, lora): 4bit = bitsandbytes NF4, 8bit = LLM.int8, int8 = "
     "torchao int8 weight-only; heads stay in float (docs/quantized.md)",
-    "scale_by_density": "capaboost-lora: multiply the scaling by 1/(d*s^2), the expected shrink of the masked update, "
-    "so LoRA's learning rate carries over (docs/reproduction.md)",
+    "scale_by_density": "capaboost-lora/-dora: multiply the scaling by 1/(d*s^2), the expected shrink of the masked "
+    "update, so LoRA's learning rate carries over; on by default, --no-scale-by-density for the paper's scaling "
+    "(then ~2x LoRA's lr at d=2, s=0.5; docs/reproduction.md)",
     "tf32": "TF32 matmuls/convolutions on CUDA GPUs of compute capability >= 8 (Ampere+), on by default; "
     "--no-tf32 for full float32 (no effect on the CPU; metrics.json records what ran)",
 }

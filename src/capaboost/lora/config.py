@@ -93,12 +93,13 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
         },
     )
     scale_by_density: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Divide each module's scaling by the mean number of copies that keep a term of B A (d*s^2; "
             "d for mask_mode='dropout', whose masks are already rescaled by 1/s), so the update has LoRA's size "
-            "and LoRA's learning rate carries over. False (the paper's eq. 4, and any adapter_config.json "
-            "written without this field): scaling = lora_alpha / r."
+            "and LoRA's learning rate carries over (on by default: swapping LoraConfig for this config keeps the "
+            "lr). False is the paper's eq. 4, scaling = lora_alpha / r, which wants ~1/(d*s^2) x LoRA's lr; an "
+            "adapter_config.json written without this field (before it existed) loads with False."
         },
     )
     # LORA_ONLY_OPTIONS: refused unless left at PEFT's default (see there for what to use instead).
@@ -181,6 +182,14 @@ class CapaBoostLoraConfig(MaskedParallelConfig, PeftConfig):
                     f"trainable_token_indices={value!r}: give a non-empty list of token ids (for the input "
                     "embedding) or a dict {embedding module name: non-empty list of token ids}."
                 )
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict:
+        """PEFT's hook on ``from_pretrained``: a file without ``scale_by_density`` was written before the option
+        existed, when every adapter trained with the paper's scaling, so it loads with False, not the new default."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("scale_by_density", False)
+        return kwargs
 
     def to_dict(self) -> dict:
         """The refused LoRA options always hold their defaults: keep them out of adapter_config.json."""

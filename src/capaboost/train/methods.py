@@ -264,8 +264,9 @@ def _native(cfg: RunConfig, ctx: MethodContext) -> None:
 PREFIX_METHODS = ("prefix", "capaboost-prefix")
 
 METHODS: dict[str, Method] = {
-    # lr 1e-3: its update is ~d*s^2 = 0.5 of LoRA's (docs/reproduction.md); 2x LoRA's lr was its best on CoLA
-    "capaboost-lora": Method(_capaboost_lora, 1e-3, "capaboost", "LoRA, d masked copies of one (A, B)",
+    # LoRA's lr: scale_by_density (on by default) gives the masked update LoRA's size; with it off (the paper's
+    # scaling) the update is ~d*s^2 = 0.5 of LoRA's and CapaBoost wants ~2x the lr (docs/reproduction.md, item 6)
+    "capaboost-lora": Method(_capaboost_lora, 5e-4, "capaboost", "LoRA, d masked copies of one (A, B)",
                              LORA_OPTIONS | MASK_OPTIONS | {"scale_by_density", "quantize"}),
     "capaboost-padapter": Method(_adapter("pfeiffer", True), 1e-3, "capaboost", "Pfeiffer adapter, d masked copies",
                                  ADAPTER_OPTIONS | MASK_OPTIONS),
@@ -276,7 +277,7 @@ METHODS: dict[str, Method] = {
     "capaboost-prefix": Method(_capaboost_prefix, 5e-3, "capaboost", "prefix tuning, masked reparameterisation",
                                PREFIX_OPTIONS | MASK_OPTIONS),
     # DoRA: the LoRA counterparts' lrs; no --quantize for capaboost-dora (CapaBoost-DoRA refuses quantized bases)
-    "capaboost-dora": Method(_capaboost_dora, 1e-3, "capaboost", "DoRA magnitude + CapaBoost-LoRA direction",
+    "capaboost-dora": Method(_capaboost_dora, 5e-4, "capaboost", "DoRA magnitude + CapaBoost-LoRA direction",
                              LORA_OPTIONS | MASK_OPTIONS | {"scale_by_density"}),
     "lora": Method(_lora, 5e-4, "peft", "PEFT LoRA", LORA_OPTIONS | {"quantize"}),
     "dora": Method(_dora, 5e-4, "peft", "PEFT DoRA (LoRA with a trained weight magnitude)", LORA_OPTIONS | {"quantize"}),

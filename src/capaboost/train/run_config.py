@@ -110,7 +110,7 @@ class RunConfig:
     cache_dir: Optional[str] = None
     precision: str = "fp32"
     quantize: Optional[str] = None
-    scale_by_density: bool = False
+    scale_by_density: bool = True  # CapaBoost-LoRA/DoRA at LoRA's lr (docs/reproduction.md, item 6)
     gradient_checkpointing: bool = False
     tf32: bool = True
 
@@ -199,12 +199,17 @@ class RunConfig:
 
     def differences(self, recorded: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Options (of ``identity``) whose value in ``recorded`` (a run's saved config) differs from this one's:
-        name -> (recorded, this). A key the record lacks (an older version) counts as the field's default."""
-        defaults = RunConfig().to_dict()
-        mine = json.loads(json.dumps(self.identity(), default=str))
+        name -> (recorded, this). A key the record lacks (an older version) counts as the default of the time."""
+        defaults = {**RunConfig().to_dict(), **LEGACY_DEFAULTS}
+        # an option the run's method never reads (a changed default of it included) cannot make the run differ
+        mine = {k: v for k, v in json.loads(json.dumps(self.identity(), default=str)).items()
+                if option_applies(k, self.task, self.method)}
         theirs = json.loads(json.dumps({k: recorded.get(k, defaults[k]) for k in mine}, default=str))
         return {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
 
+
+# Options whose default changed after runs were recorded without them: a record that lacks the key ran with this.
+LEGACY_DEFAULTS = {"scale_by_density": False}
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(RunConfig)}
 # Long spellings of the short option names: torchrun reads "--r"/"--d" anywhere on its command line as

@@ -41,7 +41,7 @@ import numpy as np
 from ...data.task_specs import greater_is_better, report_scale
 from ...checkpoint import atomic_write_bytes
 from ..errors import ConfigError
-from ..run_config import ALIASES, RunConfig, make_config, option_applies, read_config_file
+from ..run_config import ALIASES, LEGACY_DEFAULTS, RunConfig, make_config, option_applies, read_config_file
 
 SWEEP_KEYS = {"output_dir", "base", "tasks", "methods", "grid", "seeds"}
 FINISHED = ("done", "trained")  # statuses whose metrics.json belongs to the sweep as it is now
@@ -196,10 +196,13 @@ def collect(folder: str | Path, run_dirs: Optional[Iterable[str | Path]] = None)
 
 def options_key(config: dict[str, Any]) -> str:
     """Short digest of a run's options without its seed (and a mask seed that follows it): runs with equal
-    keys are seeds of one setting, so only they are averaged together."""
-    seed = config.get("seed")
-    kept = {k: v for k, v in config.items() if k not in (*RunConfig.RUNTIME_ONLY, "seed", "tag")
-            and not (k == "mask_seed" and v == seed)}
+    keys are seeds of one setting, so only they are averaged together. Options the run's task and method never
+    read are left out (a default of one that changed between runs does not split a setting), and a key recorded
+    before it existed counts as what those runs used (``LEGACY_DEFAULTS``)."""
+    seed, task, method = config.get("seed"), str(config.get("task", "")), str(config.get("method", ""))
+    kept = {k: v for k, v in {**LEGACY_DEFAULTS, **config}.items()
+            if k not in (*RunConfig.RUNTIME_ONLY, "seed", "tag") and not (k == "mask_seed" and v == seed)
+            and (not (task and method) or option_applies(k, task, method))}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
