@@ -14,7 +14,8 @@ protocol: validation is the test split). Nothing is downloaded at run time; the 
 dependencies, ``llm`` and ``llama-cpp-python``, are not needed: only its GGUF file is read).
 
 Arms (all through the project's runner, ``capaboost train --task causal-lm``, loss on the assistant turns only):
-  lora r=8                 -- equal parameters with CapaBoost d=2 r=8 (the masked copies share A and B)
+  lora r=6                 -- equal trainable parameters with CapaBoost d=2 r=8 (0.75 x LoRA r=8's: the mask union)
+  lora r=8                 -- equal factor shapes with CapaBoost d=2 r=8 (the masked copies share A and B)
   lora r=16                -- equal rank with CapaBoost d=2 r=8 (rank up to d*r = 16)
   capaboost-lora d=2 r=8
 CapaBoost trains at LoRA's learning rate (--capaboost-lr-factor, default 1): ``scale_by_density`` (on by default)
@@ -43,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARMS = [  # (tag, method, r, d)
+    ("lora-r6", "lora", 6, None),
     ("lora-r8", "lora", 8, None),
     ("lora-r16", "lora", 16, None),
     ("capaboost-d2-r8", "capaboost-lora", 8, 2),
