@@ -13,6 +13,7 @@ Before timing, one CapaBoost forward + backward of the linear runs under
 
     python benchmarks/bench_gpu.py [--rounds 7] [--steps 5] [--adapter-dtype auto|model]
     python benchmarks/bench_gpu.py --smoke      # tiny shapes on the CPU, so the script never rots
+    python benchmarks/bench_gpu.py --profile /tmp/prof.md   # + per-kernel device time of 3 LLaMA steps each
 
 ``--adapter-dtype auto`` is PEFT's default (bf16 base, float32 adapter weights); ``model`` keeps the
 adapters in the base model's dtype (``autocast_adapter_dtype=False``).
@@ -74,7 +75,7 @@ def interleaved(steps_by_name: dict[str, Callable[[], None]], timer: _Timer, rou
 
 
 def llama_case(shape: dict, device: torch.device, dtype: torch.dtype, autocast_adapter: bool, rounds: int,
-               steps: int) -> tuple[dict[str, float], dict[str, float]]:
+               steps: int) -> tuple[dict[str, float], dict[str, float], dict[str, Callable[[], None]]]:
     methods = {
         "capaboost d=2 r=8": CapaBoostLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, num_copies=2,
                                                  mask_density=0.5),
@@ -108,7 +109,33 @@ def llama_case(shape: dict, device: torch.device, dtype: torch.dtype, autocast_a
             step()
             torch.cuda.synchronize()
             peak[name] = torch.cuda.max_memory_allocated()
-    return interleaved(steps_by_name, _Timer(device), rounds, steps), peak
+    return interleaved(steps_by_name, _Timer(device), rounds, steps), peak, steps_by_name
+
+
+def profile(steps_by_name: dict[str, Callable[[], None]], device: torch.device, path: str, steps: int = 3) -> str:
+    """Where each method's step time goes: torch.profiler tables (device time on a GPU) written to ``path``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    parts = [f"# bench_gpu.py profile: {steps} steps per method, sorted by {sort}\n"]
+    for name, step in steps_by_name.items():
+        step()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if cuda and e.device_type.name == "CUDA")
+        parts.append(f"## {name}: {kernels / steps:.0f} device kernels per step\n\n```\n"
+                     f"{events.table(sort_by=sort, row_limit=25, max_name_column_width=70)}\n```\n")
+    text = "\n".join(parts)
+    with open(path, "w") as f:
+        f.write(text)
+    return text
 
 
 def linear_case(shape: dict, device: torch.device, dtype: torch.dtype, autocast_adapter: bool, rounds: int,
@@ -156,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--steps", type=int, default=5, help="steps per method per round")
     ap.add_argument("--adapter-dtype", choices=("auto", "model"), default="auto")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (float32), 2 rounds of 1 step")
+    ap.add_argument("--profile", metavar="PATH", help="also write per-kernel tables of 3 LLaMA steps per method here")
     args = ap.parse_args(argv)
     if args.smoke:
         shape, device, dtype, rounds, steps = SMOKE, torch.device("cpu"), torch.float32, 2, 1
@@ -169,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"{'float32 (PEFT default)' if autocast_adapter else 'in the model dtype'}; {rounds} interleaved rounds x "
           f"{steps} steps, median")
 
-    med, peak = llama_case(shape, device, dtype, autocast_adapter, rounds, steps)
+    med, peak, llama_steps = llama_case(shape, device, dtype, autocast_adapter, rounds, steps)
     cb, l16, l8 = "capaboost d=2 r=8", "lora r=16", "lora r=8"
     print(f"\nLLaMA-shaped decoder (hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} "
           f"layers, batch {shape['batch']}x{shape['seq']}), forward + backward + AdamW")
@@ -184,6 +212,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if peak:
         ratios["llama_peak_vs_lora16"] = peak[cb] / peak[l16]
         print(f"- peak memory CapaBoost / LoRA r=16: **{ratios['llama_peak_vs_lora16']:.3f}** (target ≤ 1.00)")
+
+    if args.profile:
+        profile(llama_steps, device, args.profile)
+        print(f"- profile of each method's step: {args.profile}")
+    del llama_steps  # the three LLaMA models' memory goes back before the linear case
 
     lin = linear_case(shape, device, dtype, autocast_adapter, rounds, steps)
     ratios["linear_vs_lora32"] = lin["capaboost d=2 r=16"] / lin["lora r=32"]

@@ -3,8 +3,11 @@
     python benchmarks/repro_figures.py            # reads docs/results/repro-*/, writes docs/repro_*.png, prints tables
     python benchmarks/repro_figures.py --copy     # first copies runs/repro-*/**/metrics.json into docs/results/
 
-The runs come from configs/repro_{density,rank_copies,headline,dora}_sst2.yaml and repro_nm_sst2_10k.yaml (`capaboost sweep FILE --jobs 2`).
-Scores: test accuracy x100 of the model picked on validation, mean ± sample std over the seeds that finished.
+The SST-2 runs come from configs/repro_{density,rank_copies,headline,dora}_sst2.yaml and repro_nm_sst2_10k.yaml
+(`capaboost sweep FILE --jobs 2`); the CoLA runs from configs/repro_cola_gpu.yaml and repro_cola_gpu_more.yaml
+(one sweep folder, run on a lent GPU by scripts/gpu_check.sh).
+Scores: the task's main test metric x100 (SST-2 accuracy, CoLA Matthews correlation) of the model picked on
+validation, mean ± sample std over the seeds that finished.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import numpy as np
 from capaboost.train.report.sweep import collect
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEPS = ("repro-density-sst2", "repro-rank-copies-sst2", "repro-headline-sst2", "repro-dora-sst2", "repro-nm-sst2-10k")
+SWEEPS = ("repro-density-sst2", "repro-rank-copies-sst2", "repro-headline-sst2", "repro-dora-sst2", "repro-nm-sst2-10k",
+          "repro-cola-gpu")
+COLA = "repro-cola-gpu"
+# the CoLA sweep's lr-grid tags that are also points of the density and rank figures (lr 1e-3, s = 0.5)
+COLA_ALIASES = {"diff-s0.5": "cb-d2r8-lr1e-3", "d1-r8": "lora-r8-lr1e-3", "d2-r8": "cb-d2r8-lr1e-3"}
 RESULTS = ROOT / "docs" / "results"
 
 
@@ -31,16 +38,28 @@ def copy_results() -> None:
             shutil.copy2(src, dst)
 
 
-def by_tag(sweep: str) -> dict[str, list[dict]]:
+def by_tag(sweep: str, aliases: dict[str, str] | None = None) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     folder = RESULTS / sweep
     for m in collect(folder) if folder.is_dir() else []:
         out.setdefault(m["tag"], []).append(m)
+    for alias, tag in (aliases or {}).items():
+        if tag in out:
+            out[alias] = out[tag]
     return out
 
 
+def score(run: dict) -> float:
+    return run["test"][run["main_metric"]] * 100
+
+
+def val_score(run: dict) -> float:
+    """Validation score of the model the run picked (its selected step)."""
+    return next(v["metrics"][run["main_metric"]] for v in run["validation"] if v["step"] == run["selected_step"]) * 100
+
+
 def stats(runs: list[dict]) -> tuple[float, float, int]:
-    acc = np.array([r["test"]["accuracy"] * 100 for r in runs])
+    acc = np.array([score(r) for r in runs])
     return float(acc.mean()), float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, len(acc)
 
 
@@ -48,7 +67,7 @@ def cell(runs: list[dict]) -> str:
     if not runs:
         return "pending"
     mean, std, n = stats(runs)
-    seeds = "/".join(f"{r['test']['accuracy'] * 100:.1f}" for r in sorted(runs, key=lambda r: r["config"]["seed"]))
+    seeds = "/".join(f"{score(r):.1f}" for r in sorted(runs, key=lambda r: r["config"]["seed"]))
     return f"{mean:.1f} ± {std:.1f} (n={n}: {seeds})"
 
 
@@ -56,7 +75,8 @@ def params(runs: list[dict]) -> str:
     return f"{np.mean([r['trainable_params'] for r in runs]):,.0f}" if runs else "-"
 
 
-def density_figure(plt, runs: dict[str, list[dict]], lora: list[dict]) -> str:
+def density_figure(plt, runs: dict[str, list[dict]], lora: list[dict], what: str = "SST-2 test accuracy (%)",
+                   data: str = "2k SST-2", out: str = "repro_density_sst2.png") -> str:
     densities = (0.1, 0.3, 0.5, 0.6, 0.7, 0.9, 1.0)
     lines = ["| density s | diff | same | dropout |", "|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -83,17 +103,19 @@ def density_figure(plt, runs: dict[str, list[dict]], lora: list[dict]) -> str:
         ax.axhspan(mean - std, mean + std, color="grey", alpha=0.2)
         ax.axhline(mean, color="grey", ls="--", label="LoRA r=8 (mean ± std)")
     ax.set_xlabel("mask density s (d = 2 copies, r = 8 per copy)")
-    ax.set_ylabel("SST-2 test accuracy (%)")
-    ax.set_title("Density x mask mode (paper Fig. 3a), 2k SST-2, MiniLM\n(error bars: std over 3 seeds; hollow: 1 seed)", fontsize=10)
+    ax.set_ylabel(what)
+    ax.set_title(f"Density x mask mode (paper Fig. 3a), {data}, MiniLM\n(error bars: std over 3 seeds; hollow: fewer seeds)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "repro_density_sst2.png", dpi=120)
+    fig.savefig(ROOT / "docs" / out, dpi=120)
     plt.close(fig)
     return "\n".join(lines)
 
 
-def rank_figure(plt, runs: dict[str, list[dict]]) -> str:
+def rank_figure(plt, runs: dict[str, list[dict]], what: str = "SST-2 test accuracy (%)", data: str = "2k SST-2",
+                out: str = "repro_rank_copies_sst2.png") -> str:
     ranks = (4, 8, 16, 32)
     lines = ["| d \\ r | " + " | ".join(map(str, ranks)) + " | 64 |", "|---|---|---|---|---|---|"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -125,12 +147,12 @@ def rank_figure(plt, runs: dict[str, list[dict]]) -> str:
     ax2.xaxis.set_minor_formatter(NullFormatter())
     ax2.set_xlabel("trainable parameters (adapter + head)")
     for ax in (ax1, ax2):
-        ax.set_ylabel("SST-2 test accuracy (%)")
+        ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Rank vs copies (paper Fig. 3b), 2k SST-2, MiniLM (error bars: std over 3 seeds; hollow: 1 seed)")
+    fig.suptitle(f"Rank vs copies (paper Fig. 3b), {data}, MiniLM (error bars: std over 3 seeds; hollow: fewer seeds)")
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "repro_rank_copies_sst2.png", dpi=120)
+    fig.savefig(ROOT / "docs" / out, dpi=120)
     plt.close(fig)
     return "\n".join(lines)
 
@@ -149,6 +171,25 @@ def headline(density: dict, ranks: dict, head: dict, dora: dict) -> str:
         pct = f"{np.mean([g['trainable_percent'] for g in got]):.3f}" if got else "-"
         wall = f"{np.mean([g['train_time_s'] for g in got]):.0f}" if got else "-"
         lines.append(f"| {name} | {params(got)} | {pct} | {cell(got)} | {wall} |")
+    return "\n".join(lines)
+
+
+def cola_headline(runs: dict[str, list[dict]]) -> str:
+    rows = [("full fine-tuning (lr 5e-5)", "full"), ("BitFit (lr 4e-3)", "bitfit"), ("AdaLoRA r=8 (lr 1.6e-2)", "adalora"),
+            ("LoRA r=8, lr 5e-4", "lora-r8-lr5e-4"), ("LoRA r=8, lr 1e-3", "lora-r8-lr1e-3"),
+            ("LoRA r=8, lr 2e-3", "lora-r8-lr2e-3"), ("CapaBoost-LoRA d=2 r=8 s=0.5, lr 5e-4", "cb-d2r8-lr5e-4"),
+            ("CapaBoost-LoRA d=2 r=8 s=0.5, lr 1e-3", "cb-d2r8-lr1e-3"),
+            ("CapaBoost-LoRA d=2 r=8 s=0.5, lr 2e-3", "cb-d2r8-lr2e-3"), ("  same mask, lr 1e-3", "same-s0.5"),
+            ("  dropout masks, lr 1e-3", "dropout-s0.5"), ("  2:4 masks, lr 1e-3", "cb-2of4"),
+            ("PAdapter (lr 1e-3)", "padapter"), ("CapaBoost-PAdapter d=2 s=0.5 (lr 1e-3)", "cb-padapter")]
+    lines = ["| method | trainable params | % of model | test MCC ×100 | validation MCC ×100 (picked model) | "
+             "train time (s, mean; 16 runs sharing one H200) |", "|---|---|---|---|---|---|"]
+    for name, tag in rows:
+        got = runs.get(tag, [])
+        pct = f"{np.mean([g['trainable_percent'] for g in got]):.3f}" if got else "-"
+        wall = f"{np.mean([g['train_time_s'] for g in got]):.0f}" if got else "-"
+        vals = f"{np.mean([val_score(g) for g in got]):.1f}" if got else "-"
+        lines.append(f"| {name} | {params(got)} | {pct} | {cell(got)} | {vals} | {wall} |")
     return "\n".join(lines)
 
 
@@ -171,11 +212,18 @@ def main(argv: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    density, ranks, head, dora, nm = (by_tag(s) for s in SWEEPS)
+    density, ranks, head, dora, nm = (by_tag(s) for s in SWEEPS[:5])
+    cola = by_tag(COLA, COLA_ALIASES)
     print("## density x mask mode\n\n" + density_figure(plt, density, ranks.get("d1-r8", [])) + "\n")
     print("## rank vs copies\n\n" + rank_figure(plt, ranks) + "\n")
     print("## headline\n\n" + headline(density, ranks, head, dora) + "\n")
-    print("## N:M on SST-2-10k\n\n" + nm_table(nm))
+    print("## N:M on SST-2-10k\n\n" + nm_table(nm) + "\n")
+    if cola:
+        mcc = "CoLA test MCC ×100"
+        print("## CoLA: density x mask mode\n\n" + density_figure(plt, cola, cola.get("d1-r8", []), mcc, "CoLA",
+                                                                     "repro_density_cola.png") + "\n")
+        print("## CoLA: rank vs copies\n\n" + rank_figure(plt, cola, mcc, "CoLA", "repro_rank_copies_cola.png") + "\n")
+        print("## CoLA: headline\n\n" + cola_headline(cola))
 
 
 if __name__ == "__main__":

@@ -21,13 +21,18 @@ def _load(name: str):
     return module
 
 
-def test_bench_gpu_smoke_runs_on_cpu():
+def test_bench_gpu_smoke_runs_on_cpu(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    prof = tmp_path / "prof.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--profile", str(prof)],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CapaBoost / LoRA r=16: **" in proc.stdout
     assert "CapaBoost d=2 r=16 / LoRA r=32 = **" in proc.stdout
+    tables = prof.read_text()
+    for method in ("capaboost d=2 r=8", "lora r=16", "lora r=8"):  # one op table per method
+        assert f"## {method}:" in tables
+    assert tables.count("```") == 6 and tables.count("aten::mm") >= 3
 
 
 def test_op_count_proxy_capaboost_within_ten_percent_of_lora_r16():
