@@ -166,11 +166,17 @@ def headline(density: dict, ranks: dict, head: dict, dora: dict) -> str:
             ("CapaBoost-PAdapter d=2 s=0.5, lr 2e-3", head.get("capaboost-padapter-lr2e-3", [])),
             ("CapaBoost-PAdapter d=2 s=0.5, lr 4e-3", head.get("capaboost-padapter-lr4e-3", [])),
             ("DoRA r=8", dora.get("dora-r8", [])), ("CapaBoost-DoRA d=2 r=8 s=0.5", dora.get("capaboost-dora-d2r8", []))]
-    lines = ["| method | trainable params | % of model | test acc | train time (s, mean) |", "|---|---|---|---|---|"]
+    return method_table(rows, "| test acc | train time (s, mean) |")
+
+
+def method_table(rows: list[tuple[str, list[dict]]], columns: str, validation: bool = False) -> str:
+    """One row per method: parameters, % of the model, test score (± std, per seed), [validation], train time."""
+    lines = ["| method | trainable params | % of model " + columns, "|---" * (columns.count("|") + 2) + "|"]
     for name, got in rows:
         pct = f"{np.mean([g['trainable_percent'] for g in got]):.3f}" if got else "-"
         wall = f"{np.mean([g['train_time_s'] for g in got]):.0f}" if got else "-"
-        lines.append(f"| {name} | {params(got)} | {pct} | {cell(got)} | {wall} |")
+        val = (f" {np.mean([val_score(g) for g in got]):.1f} |" if got else " - |") if validation else ""
+        lines.append(f"| {name} | {params(got)} | {pct} | {cell(got)} |{val} {wall} |")
     return "\n".join(lines)
 
 
@@ -182,15 +188,8 @@ def cola_headline(runs: dict[str, list[dict]]) -> str:
             ("CapaBoost-LoRA d=2 r=8 s=0.5, lr 2e-3", "cb-d2r8-lr2e-3"), ("  same mask, lr 1e-3", "same-s0.5"),
             ("  dropout masks, lr 1e-3", "dropout-s0.5"), ("  2:4 masks, lr 1e-3", "cb-2of4"),
             ("PAdapter (lr 1e-3)", "padapter"), ("CapaBoost-PAdapter d=2 s=0.5 (lr 1e-3)", "cb-padapter")]
-    lines = ["| method | trainable params | % of model | test MCC ×100 | validation MCC ×100 (picked model) | "
-             "train time (s, mean; 16 runs sharing one H200) |", "|---|---|---|---|---|---|"]
-    for name, tag in rows:
-        got = runs.get(tag, [])
-        pct = f"{np.mean([g['trainable_percent'] for g in got]):.3f}" if got else "-"
-        wall = f"{np.mean([g['train_time_s'] for g in got]):.0f}" if got else "-"
-        vals = f"{np.mean([val_score(g) for g in got]):.1f}" if got else "-"
-        lines.append(f"| {name} | {params(got)} | {pct} | {cell(got)} | {vals} | {wall} |")
-    return "\n".join(lines)
+    columns = "| test MCC ×100 | validation MCC ×100 (picked model) | train time (s, mean; 16 runs sharing one H200) |"
+    return method_table([(name, runs.get(tag, [])) for name, tag in rows], columns, validation=True)
 
 
 def nm_table(runs: dict[str, list[dict]]) -> str:
