@@ -20,6 +20,8 @@ import numpy as np
 import yaml
 
 from repro_figures import RESULTS, ROOT, by_tag, params
+from repro_figures import score as test
+from repro_figures import val_score as val
 
 SWEEP = "repro-lrgrid-sst2"
 CONFIG = ROOT / "configs" / "repro_lr_grid_sst2.yaml"
@@ -45,14 +47,6 @@ def grid() -> dict[str, dict[float, list[dict]]]:
         for run in runs:
             out.setdefault(arm, {}).setdefault(run["config"]["lr"], []).append(run)
     return out
-
-
-def val(run: dict) -> float:
-    return run["validation"][-1]["metrics"]["accuracy"] * 100
-
-
-def test(run: dict) -> float:
-    return run["test"]["accuracy"] * 100
 
 
 def pick(by_lr: dict[float, list[dict]]) -> float | None:
